@@ -1,0 +1,57 @@
+"""`pipeline <command>`: thin argument parsing that hands off to the modules.
+
+User errors (PipelineError) become one line on stderr and exit code 2; anything else is
+our bug and keeps its traceback, prefixed with the rank under torchrun/SLURM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.errors import PipelineError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, exit 2 (argparse's default prints the whole usage block first).
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import commands, report
+    from pipeline.convert import add_parser as add_convert
+    from pipeline.data.synthetic import add_parser as add_synthetic
+
+    parser = _Parser(prog="pipeline", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", parser_class=_Parser)
+    commands.add_train_parser(subparsers)
+    commands.add_evaluate_parser(subparsers)
+    add_synthetic(subparsers)
+    add_convert(subparsers)
+    report.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PipelineError as exc:
+        print(f"pipeline {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"pipeline {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        logging.getLogger("pipeline").exception("pipeline %s failed", args.command)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Structured config: one dataclass per section, loaded from YAML plus dotlist overrides.
+
+The dataclass defaults *are* the built-in 2D demo (`configs/default.yaml` mirrors them), so
+`pipeline train` with no arguments needs no file. Validation happens in `__post_init__`,
+which OmegaConf runs when `load()` converts the merged config back to dataclasses, so every
+override is checked before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key}: {problem}")
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {'|'.join(choices)}, got {value!r}")
+
+
+def default_cache_dir() -> Path:
+    """Where the built-in synthetic demo shards live (`PIPELINE_CACHE` overrides)."""
+    return Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "pipeline"))
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in synthetic data, used only when `data.train` is null."""
+
+    dir: str | None = None
+    """Where to write/read the demo shards; null = `$PIPELINE_CACHE/synthetic-<dims>d-<seed>-...`."""
+    train: int = 24576
+    """Number of training candidates to generate."""
+    val: int = 4096
+    """Number of validation candidates to generate."""
+    positive_fraction: float = 0.25
+    """Fraction of positives. Real data is far more skewed; the demo keeps it learnable fast."""
+    seed: int = 0
+    """Generator seed; the same seed gives byte-identical shards."""
+    block_size: int = 256
+    """Samples per block record (K)."""
+    shards: int = 8
+    """Training shards to write (validation gets a quarter, at least 2)."""
+
+    def __post_init__(self) -> None:
+        _require(self.train > 0, "data.synthetic.train", "must be > 0")
+        _require(self.val > 0, "data.synthetic.val", "must be > 0")
+        _require(
+            0.0 < self.positive_fraction < 1.0,
+            "data.synthetic.positive_fraction",
+            "must be in (0, 1)",
+        )
+        _require(self.block_size > 0, "data.synthetic.block_size", "must be > 0")
+        _require(self.shards > 0, "data.synthetic.shards", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they reach the model."""
+
+    train: str | None = None
+    """Training shard pattern (brace expansion `{000..009}` and globs); null = synthetic demo."""
+    val: str | None = None
+    """Validation shard pattern; null with `train` null = synthetic demo validation shards."""
+    dims: int = 2
+    """2 for images (crops S x S), 3 for volumes (S x S x S)."""
+    scales: list[int] = field(default_factory=lambda: [16, 32, 48])
+    """Crop sizes fed to the model, smallest first; the largest must equal the stored size."""
+    channels: int = 1
+    """Channels per stored patch."""
+    mean: float = 0.0
+    """Subtracted after the optional window (in stored units when no window is set)."""
+    std: float = 1.0
+    """Divides after `mean`. The default window maps to [0, 1]; mean/std then standardise."""
+    window: list[float] | None = field(default_factory=lambda: [0.0, 255.0])
+    """Intensity window [lo, hi]: clip then scale to [0, 1] (e.g. HU [-1000, 400]); null = off."""
+    augment: bool = True
+    """Random flips and 90-degree rotations on training batches (device side, batch-wise)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    prefetch_factor: int = 4
+    """Batches each worker keeps ready."""
+    shuffle_blocks: int = 16
+    """Shuffle buffer, in block records; host memory per worker ~ shuffle_blocks * K * sample bytes."""
+    on_error: str = "skip"
+    """Bad records: `skip` (counted and logged) or `fail`."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dims in (2, 3), "data.dims", f"must be 2 or 3, got {self.dims}")
+        _require(len(self.scales) >= 1, "data.scales", "must list at least one crop size")
+        _require(all(s > 0 for s in self.scales), "data.scales", "crop sizes must be > 0")
+        _require(
+            list(self.scales) == sorted(self.scales), "data.scales", "must be in increasing order"
+        )
+        _require(self.channels > 0, "data.channels", "must be > 0")
+        _require(self.std > 0, "data.std", "must be > 0")
+        if self.window is not None:
+            _require(
+                len(self.window) == 2 and self.window[0] < self.window[1],
+                "data.window",
+                "must be [lo, hi] with lo < hi, or null",
+            )
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        _require(self.shuffle_blocks >= 1, "data.shuffle_blocks", "must be >= 1")
+        _choice(self.on_error, "data.on_error", ("skip", "fail"))
+        _require(
+            (self.train is None) == (self.val is None) or self.val is None,
+            "data.val",
+            "set data.train too (null data.train means the synthetic demo)",
+        )
+
+    @property
+    def patch_size(self) -> int:
+        return self.scales[-1]
+
+
+@dataclass
+class ModelConfig:
+    """Which network turns (x16, x32, x48) into one raw logit."""
+
+    name: str = "xception_like"
+    """Built-in model name; ignored when `target` is set."""
+    target: str | None = None
+    """Your own model, `package.module:ClassOrFactory`, called with `kwargs`."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for `target`."""
+    width: int = 8
+    """Channels after the stem of each branch; doubles at every block."""
+    depth: int = 3
+    """Residual separable blocks per branch (each halves the resolution)."""
+    features: int = 128
+    """Pooled features per branch (three branches are concatenated)."""
+    hidden: int = 64
+    """Width of the hidden layer of the head."""
+    dropout: float = 0.0
+    """Dropout before the last layer."""
+    channels_last: bool = True
+    """Use channels_last / channels_last_3d (faster convolutions on CUDA and on x86 CPUs)."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm to SyncBatchNorm under DDP."""
+    compile: bool = False
+    """Wrap the model in `torch.compile`."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "model.name", ("xception_like",))
+        if self.target is not None:
+            _require(
+                ":" in self.target, "model.target", "must look like package.module:ClassOrFactory"
+            )
+        _require(self.width > 0, "model.width", "must be > 0")
+        _require(self.depth > 0, "model.depth", "must be > 0")
+        _require(self.features > 0, "model.features", "must be > 0")
+        _require(self.hidden > 0, "model.hidden", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay."""
+
+    lr: float = 3e-3
+    """Peak learning rate for the global batch (see README: scale it with the global batch)."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (not applied to norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 30
+    """Linear warm-up steps from 0 to `lr`."""
+    min_lr_ratio: float = 0.02
+    """Cosine decays to `lr * min_lr_ratio` at `train.max_steps`."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off). Clipped after unscaling."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    """BCEWithLogitsLoss on raw logits."""
+
+    pos_weight: Any = "auto"
+    """Weight of positives: a number, or `auto` = negatives/positives from the train manifest."""
+    max_pos_weight: float = 100.0
+    """Cap for `auto`, so a 1:600 imbalance does not make steps explode."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pos_weight, str):
+            _require(self.pos_weight == "auto", "loss.pos_weight", "must be a number or 'auto'")
+        else:
+            _require(
+                isinstance(self.pos_weight, (int, float)) and self.pos_weight > 0,
+                "loss.pos_weight",
+                f"must be a positive number or 'auto', got {self.pos_weight!r}",
+            )
+        _require(self.max_pos_weight > 0, "loss.max_pos_weight", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, how precise."""
+
+    max_steps: int = 500
+    """Optimizer steps in total (resume continues to this number)."""
+    batch_size: int = 128
+    """Samples per process per micro-step; global batch = batch_size * world_size * grad_accum."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    precision: str = "auto"
+    """`auto` (bf16 on CUDA when supported, else fp32) | fp32 | bf16 | fp16 (with GradScaler)."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation; each rank derives its own stream."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    eval_every: int = 100
+    """Validate every N steps (and at the end); 0 = only at the end."""
+    log_every: int = 10
+    """Log step metrics every N steps."""
+    max_bad_steps: int = 20
+    """Stop after this many consecutive non-finite steps."""
+    threads: int = 0
+    """torch intra-op threads per process on CPU (0 = torch's default)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
+        _require(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _choice(self.precision, "train.precision", PRECISIONS)
+        _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.log_every > 0, "train.log_every", "must be > 0")
+        _require(self.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+        _require(self.threads >= 0, "train.threads", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """What is saved, how often, and how runs resume."""
+
+    every_steps: int = 100
+    """Save `last.pt` every N steps (and always at the end)."""
+    keep_last: int = 2
+    """Step checkpoints (`step-XXXXXXXX.pt`) kept besides `last.pt` and `best.pt`."""
+    metric: str = "auroc"
+    """Validation metric that decides `best.pt` (higher is better)."""
+    resume: str = "auto"
+    """`auto` (resume from RUN_DIR/checkpoints/last.pt when present), `never`, or a path."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases. `WANDB_*` environment variables override these, as W&B users expect."""
+
+    mode: str = "offline"
+    """online | offline | disabled. Offline needs no account; `wandb sync` uploads later."""
+    project: str = "pipeline"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    group: str | None = None
+    """Run group (e.g. one per sweep or per preempted job)."""
+    name: str | None = None
+    """Run name; null = the run directory's name."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+    notes: str | None = None
+    """Free-text notes."""
+    init_timeout: float = 90.0
+    """Seconds to wait for W&B to start before continuing with local logging only."""
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "wandb.mode", WANDB_MODES)
+        _require(self.init_timeout > 0, "wandb.init_timeout", "must be > 0")
+
+
+@dataclass
+class DistConfig:
+    """Process group settings (the environment itself comes from torchrun or SLURM)."""
+
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    timeout_s: float = 300.0
+    """Collective timeout: a dead rank makes the others exit after this, instead of hanging."""
+
+    def __post_init__(self) -> None:
+        _choice(self.backend, "dist.backend", ("auto", "nccl", "gloo"))
+        _require(self.timeout_s > 0, "dist.timeout_s", "must be > 0")
+
+
+@dataclass
+class GuardConfig:
+    """The logit guard against a non-negative/bounded head (the ReLU->sigmoid bug)."""
+
+    allow_bounded_head: bool = False
+    """Expert override: train even if the output passes through ReLU/sigmoid/... (warns)."""
+    dynamic: str = "warn"
+    """On suspicious logits (all >= 0, or all in [0, 1]): warn | error."""
+    check_every: int = 100
+    """Re-check the logits of a training batch every N steps (0 = only the first batch)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.dynamic, "guard.dynamic", ("warn", "error"))
+        _require(self.check_every >= 0, "guard.check_every", "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """Where everything of one run goes."""
+
+    dir: str | None = None
+    """Run directory; null = runs/<SLURM_JOB_ID or timestamp>. Reusing it resumes the run."""
+
+
+@dataclass
+class PredictConfig:
+    """Decision threshold for `pipeline predict` and the reported accuracy."""
+
+    threshold: str = "0.5"
+    """A probability, or a named operating point: youden | f1 | sens90 | sens95 | fpr01."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    """One line from an OmegaConf error: the key and the problem, without its debug block."""
+    key = getattr(exc, "full_key", None) or ""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Key '" in first_line and "not in" in first_line:
+        return f"config: unknown key '{key}'"
+    prefix = f"config: {key}: " if key else "config: "
+    return prefix + first_line
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotlist overrides, validated; raises ConfigError on bad input."""
+    merged = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            file_cfg = OmegaConf.load(path)
+            if not isinstance(file_cfg, DictConfig):
+                raise ConfigError(f"config file {path}: must be a mapping of sections")
+            merged = OmegaConf.merge(merged, file_cfg)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value (e.g. optim.lr=3e-4)")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    except Exception as exc:  # YAML syntax errors and friends
+        where = f"config file {path}" if path else "config"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: {message}") from None
+    assert isinstance(cfg, Config)
+    _check_cross_section(cfg)
+    return cfg
+
+
+def _check_cross_section(cfg: Config) -> None:
+    if isinstance(cfg.loss.pos_weight, float) and not math.isfinite(cfg.loss.pos_weight):
+        raise ConfigError("config: loss.pos_weight: must be finite")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (what `config.yaml`, checkpoints and W&B get)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain containers (checkpoint- and W&B-safe)."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's), with optional overrides."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    assert isinstance(cfg, Config)
+    return cfg

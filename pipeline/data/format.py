@@ -1,0 +1,279 @@
+"""Shard format v1: block records of K samples, written and read without pickle.
+
+A record is one tar member group `<key>.patch.npy`, `<key>.label.npy`, `<key>.meta.json`:
+- `patch.npy`: [K, C, S, S] (2D) or [K, C, S, S, S] (3D), stored dtype as written;
+- `label.npy`: [K], values 0/1 (uint8);
+- `meta.json`: {"version": 1, "ids": [...], "groups": [...] | null, "coords": [...] | null}.
+
+Only the largest crop is stored; the smaller scales are centre crops taken on the device.
+Blocks keep per-sample Python work out of the hot loop: one decode yields K samples.
+`manifest.json` beside the shards records per-shard sample and positive counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from pipeline.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "float16", "float32")
+# Members that would need pickle to decode; a shard carrying them is refused, never loaded.
+PICKLE_SUFFIXES = (".pyd", ".pth", ".pt", ".pickle", ".pkl")
+
+
+@dataclass
+class Block:
+    """K decoded samples from one record."""
+
+    patch: np.ndarray
+    label: np.ndarray
+    ids: list[str]
+    groups: list[str] | None
+    coords: list[list[float]] | None
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+@dataclass
+class ShardInfo:
+    """One shard's line in the manifest."""
+
+    name: str
+    samples: int
+    positives: int
+    blocks: int
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_block(
+    key: str,
+    patch: np.ndarray,
+    label: np.ndarray,
+    ids: Sequence[str],
+    groups: Sequence[str] | None = None,
+    coords: Sequence[Sequence[float]] | None = None,
+) -> dict[str, Any]:
+    """One record, as a dict for `webdataset.TarWriter.write`."""
+    check_block_arrays(patch, label, source=key)
+    if len(ids) != len(label):
+        raise DataError(f"{key}: {len(ids)} ids for {len(label)} samples")
+    meta = {
+        "version": FORMAT_VERSION,
+        "ids": [str(i) for i in ids],
+        "groups": None if groups is None else [str(g) for g in groups],
+        "coords": None if coords is None else [[float(c) for c in row] for row in coords],
+    }
+    return {
+        "__key__": key,
+        "patch.npy": _npy_bytes(patch),
+        "label.npy": _npy_bytes(label.astype(np.uint8)),
+        "meta.json": json.dumps(meta).encode(),
+    }
+
+
+def check_block_arrays(patch: np.ndarray, label: np.ndarray, source: str) -> None:
+    """Raise DataError naming `source` unless the arrays are a well-formed block."""
+    if patch.ndim not in (4, 5):
+        raise DataError(f"{source}: patch must be [K,C,S,S] or [K,C,S,S,S], got {patch.shape}")
+    spatial = patch.shape[2:]
+    if len(set(spatial)) != 1:
+        raise DataError(f"{source}: patch must be square/cubic, got spatial shape {spatial}")
+    if patch.dtype.name not in ALLOWED_DTYPES:
+        raise DataError(f"{source}: patch dtype {patch.dtype} not in {ALLOWED_DTYPES}")
+    if label.ndim != 1 or label.shape[0] != patch.shape[0]:
+        raise DataError(f"{source}: label shape {label.shape} does not match {patch.shape[0]}")
+    if label.size and not np.isin(label, (0, 1)).all():
+        raise DataError(f"{source}: labels must be 0 or 1")
+    if patch.dtype.kind == "f" and not np.isfinite(patch).all():
+        raise DataError(f"{source}: patch holds NaN or Inf")
+
+
+def _load_npy(data: bytes, member: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # ValueError for object arrays, others for truncation
+        raise DataError(f"{member}: cannot decode .npy without pickle ({exc})") from None
+
+
+def decode_block(sample: dict[str, Any]) -> Block:
+    """A webdataset sample dict (raw bytes per member) -> validated Block; DataError if bad."""
+    key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    for name in sample:
+        if name.endswith(PICKLE_SUFFIXES) or name.split(".")[-1] in ("pyd", "pth", "pickle"):
+            raise DataError(f"{key}: member '{name}' needs pickle; refusing to load it")
+    for required in ("patch.npy", "label.npy", "meta.json"):
+        if required not in sample:
+            raise DataError(f"{key}: missing {required}")
+    patch = _load_npy(sample["patch.npy"], f"{key}.patch.npy")
+    label = _load_npy(sample["label.npy"], f"{key}.label.npy")
+    check_block_arrays(patch, label, source=key)
+    try:
+        meta = json.loads(sample["meta.json"])
+    except ValueError as exc:
+        raise DataError(f"{key}: meta.json is not valid JSON ({exc})") from None
+    ids = meta.get("ids") or [f"{sample.get('__key__', 'block')}/{i}" for i in range(len(label))]
+    if len(ids) != len(label):
+        raise DataError(f"{key}: meta.json has {len(ids)} ids for {len(label)} samples")
+    return Block(patch, label.astype(np.uint8), ids, meta.get("groups"), meta.get("coords"))
+
+
+def write_shard(
+    path: str | os.PathLike,
+    patch: np.ndarray,
+    label: np.ndarray,
+    ids: Sequence[str],
+    groups: Sequence[str] | None = None,
+    coords: Sequence[Sequence[float]] | None = None,
+    block_size: int = 256,
+) -> ShardInfo:
+    """Write samples, in the given order, as block records into one tar (atomic rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = len(label)
+    blocks = 0
+    with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            sink.write(
+                encode_block(
+                    f"{path.stem}-{blocks:06d}",
+                    patch[start:stop],
+                    np.asarray(label[start:stop]),
+                    ids[start:stop],
+                    None if groups is None else groups[start:stop],
+                    None if coords is None else coords[start:stop],
+                )
+            )
+            blocks += 1
+    os.replace(tmp, path)
+    return ShardInfo(path.name, n, int(np.asarray(label).sum()), blocks)
+
+
+def write_split(
+    out_dir: str | os.PathLike,
+    split: str,
+    patch: np.ndarray,
+    label: np.ndarray,
+    ids: Sequence[str],
+    groups: Sequence[str] | None = None,
+    coords: Sequence[Sequence[float]] | None = None,
+    num_shards: int = 1,
+    block_size: int = 256,
+    seed: int = 0,
+) -> list[ShardInfo]:
+    """Shuffle samples, cut them into `num_shards` near-equal shards, write, update manifest.
+
+    This is the public writer API for your own data: give it arrays (a memmap works) and
+    it writes `<out_dir>/<split>-000000.tar ...` plus `manifest.json`.
+    """
+    n = len(label)
+    if n == 0:
+        raise DataError(f"{split}: no samples to write")
+    order = np.random.default_rng(seed).permutation(n)
+    infos = []
+    for index, part in enumerate(np.array_split(order, min(num_shards, n))):
+        part = np.sort(part) if isinstance(patch, np.memmap) else part
+        part = np.random.default_rng([seed, index]).permutation(part)
+        infos.append(
+            write_shard(
+                Path(out_dir) / f"{split}-{index:06d}.tar",
+                patch[part],
+                np.asarray(label)[part],
+                [ids[i] for i in part],
+                None if groups is None else [groups[i] for i in part],
+                None if coords is None else [coords[i] for i in part],
+                block_size=block_size,
+            )
+        )
+    update_manifest(
+        out_dir, split, infos, patch_shape=tuple(patch.shape[1:]), dtype=str(patch.dtype)
+    )
+    return infos
+
+
+def update_manifest(
+    out_dir: str | os.PathLike,
+    split: str,
+    infos: Iterable[ShardInfo],
+    patch_shape: tuple[int, ...],
+    dtype: str,
+) -> Path:
+    """Record `split`'s shards in `<out_dir>/manifest.json`, keeping other splits (atomic)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "splits": {}}
+    if path.exists():
+        manifest = json.loads(path.read_text())
+    infos = sorted(infos, key=lambda info: info.name)
+    manifest["splits"][split] = {
+        "samples": sum(i.samples for i in infos),
+        "positives": sum(i.positives for i in infos),
+        "patch_shape": list(patch_shape),
+        "dtype": dtype,
+        "shards": [asdict(i) for i in infos],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def manifest_counts(shard_paths: Sequence[str]) -> dict[str, ShardInfo]:
+    """ShardInfo per shard path, from the `manifest.json` in each shard's directory.
+
+    Shards that no manifest lists are absent from the result; callers decide if that matters.
+    """
+    by_dir: dict[Path, dict[str, ShardInfo]] = {}
+    found: dict[str, ShardInfo] = {}
+    for shard in shard_paths:
+        directory = Path(shard).parent
+        if directory not in by_dir:
+            by_dir[directory] = {}
+            manifest_path = directory / MANIFEST_NAME
+            if manifest_path.exists():
+                try:
+                    manifest = json.loads(manifest_path.read_text())
+                    for split in manifest.get("splits", {}).values():
+                        for entry in split.get("shards", []):
+                            by_dir[directory][entry["name"]] = ShardInfo(**entry)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataError(f"{manifest_path}: malformed manifest ({exc})") from None
+        info = by_dir[directory].get(Path(shard).name)
+        if info is not None:
+            found[shard] = info
+    return found
+
+
+def expand_shards(pattern: str, key: str = "shards") -> list[str]:
+    """Shard paths from a pattern with brace expansion (`{000..009}`) and globs, sorted.
+
+    Raises DataError naming `key` when nothing matches, before any heavy work starts.
+    """
+    import glob
+
+    from braceexpand import braceexpand
+
+    paths: list[str] = []
+    for expanded in braceexpand(os.path.expanduser(pattern)):
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        paths.extend(p for p in matches if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"{key}: pattern '{pattern}' matches no shard files")
+    return sorted(dict.fromkeys(paths))

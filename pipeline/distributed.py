@@ -1,0 +1,185 @@
+"""torchrun / SLURM / single-process environments, the process group, and rank helpers.
+
+The only module that touches `torch.distributed`. Everything else asks `is_main()` or calls
+the collective helpers here, which are no-ops in a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits, and who launched it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # torchrun | slurm | single
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM nodelist such as `gpu[03-05,09],login1` -> `gpu03`."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        return nodelist
+    prefix, ranges = match.group(1), match.group(2)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """torchrun's variables win; else srun's one-task-per-process variables; else single."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    # Inside `srun` (a job step) with several tasks: each task is one training process.
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "")),
+            # Derived from the job id so concurrent jobs on one node do not collide.
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+_ENV = DistEnv()
+_CONTROL: Any = None  # a gloo group for small host-side decisions (stop, non-finite)
+
+
+def env() -> DistEnv:
+    return _ENV
+
+
+def is_main() -> bool:
+    return _ENV.rank == 0
+
+
+def select_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(backend: str, timeout_s: float, device: torch.device, environ: DistEnv) -> DistEnv:
+    """Start the process group when there is more than one process."""
+    global _ENV, _CONTROL
+    _ENV = environ
+    if not environ.distributed or dist.is_initialized():
+        return environ
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("MASTER_ADDR", environ.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(environ.master_port))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=environ.rank,
+        world_size=environ.world_size,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
+    _CONTROL = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    log.info(
+        "process group: %s, rank %d/%d via %s on %s",
+        backend,
+        environ.rank,
+        environ.world_size,
+        environ.launcher,
+        socket.gethostname(),
+    )
+    return environ
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier(group=_CONTROL)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (uneven sizes are fine)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_CONTROL)
+    return out
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Element-wise OR of host-side flags across ranks: one small CPU all-reduce."""
+    if not dist.is_initialized():
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def sum_across(values: list[float]) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=_CONTROL)
+    return tensor.tolist()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool) -> torch.nn.Module:
+    if not dist.is_initialized():
+        return model
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)

@@ -1,0 +1,92 @@
+"""Validation: every sample once across ranks, gathered, exact metrics on rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import distributed
+from pipeline.data.loader import EvalStream, StreamSpec, build_loader
+from pipeline.data.transforms import DeviceTransform
+from pipeline.metrics import binary_metrics
+from pipeline.model import as_logits, probabilities
+
+
+@dataclass
+class Predictions:
+    labels: np.ndarray
+    logits: np.ndarray
+    ids: list[str]
+    groups: list[str] | None
+    bad_records: int = 0
+
+    @property
+    def probs(self) -> np.ndarray:
+        return probabilities(torch.from_numpy(self.logits)).numpy()
+
+    @staticmethod
+    def concat(parts: list[Predictions]) -> Predictions:
+        groups = None
+        if all(p.groups is not None for p in parts):
+            groups = [g for p in parts for g in p.groups]  # type: ignore[union-attr]
+        return Predictions(
+            np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.uint8),
+            np.concatenate([p.logits for p in parts]) if parts else np.zeros(0, np.float32),
+            [i for p in parts for i in p.ids],
+            groups,
+            sum(p.bad_records for p in parts),
+        )
+
+
+@torch.no_grad()
+def predict_local(
+    model: nn.Module,
+    spec: StreamSpec,
+    transform: DeviceTransform,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    num_workers: int,
+) -> Predictions:
+    """This rank's share of the shards, in eval mode, no augmentation."""
+    was_training = model.training
+    model.eval()
+    workers = min(num_workers, len(spec.shards[spec.rank :: spec.world_size]))
+    loader = build_loader(EvalStream(spec), workers, device.type == "cuda", 2)
+    labels, logits, ids, groups = [], [], [], []
+    bad: dict[int, int] = {}
+    have_groups = True
+    for batch in loader:
+        crops = transform(batch["patch"].to(device, non_blocking=True), train=False)
+        with autocast:
+            out = as_logits(model(*crops))
+        logits.append(out.float().cpu().numpy())
+        labels.append(batch["label"].numpy())
+        ids.extend(batch["ids"])
+        if batch["groups"] is None:
+            have_groups = False
+        else:
+            groups.extend(batch["groups"])
+        worker, count = batch["bad_records"].tolist()
+        bad[worker] = count
+    model.train(was_training)
+    return Predictions(
+        np.concatenate(labels) if labels else np.zeros(0, np.uint8),
+        np.concatenate(logits) if logits else np.zeros(0, np.float32),
+        ids,
+        groups if have_groups else None,
+        sum(bad.values()),
+    )
+
+
+def predict_all(*args, **kwargs) -> Predictions:
+    """Every rank's predictions, concatenated in rank order, on every rank."""
+    return Predictions.concat(distributed.gather_objects(predict_local(*args, **kwargs)))
+
+
+def metrics_of(preds: Predictions, threshold: float = 0.5) -> dict[str, float]:
+    scan_ids = preds.groups if preds.groups is not None else None
+    return binary_metrics(preds.labels, preds.probs, threshold=threshold, scan_ids=scan_ids)

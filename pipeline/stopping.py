@@ -1,0 +1,49 @@
+"""Graceful stop: SIGTERM/SIGUSR1 or a `RUN_DIR/STOP` file -> all ranks stop at one step.
+
+torchrun forwards only some signals to its workers, and SLURM signals the batch shell, so
+the batch script's trap touches a stop file that rank 0 polls. Signals that do reach us
+(SIGTERM from a time limit or scancel) set the same flag. Ranks agree through one tiny
+all-reduce per step, so they all save the same step and exit together.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from pipeline import distributed
+
+log = logging.getLogger("pipeline")
+STOP_FILE = "STOP"
+
+
+class StopRequest:
+    def __init__(self, run_dir: Path) -> None:
+        self.stop_file = run_dir / STOP_FILE
+        self.signalled: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.signalled is not None:
+            # A second signal means "now": die the default way instead of waiting a step.
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.signalled = signal.Signals(signum).name
+
+    def local(self) -> bool:
+        """This rank's view: a signal arrived, or (rank 0) the stop file exists."""
+        return self.signalled is not None or (distributed.is_main() and self.stop_file.exists())
+
+    def consume(self) -> None:
+        """Forget the request once its checkpoint is safe, so a requeued run does not stop."""
+        if distributed.is_main():
+            self.stop_file.unlink(missing_ok=True)
+        reason = self.signalled or f"stop file {self.stop_file}"
+        log.info("stopped on request (%s); checkpoint saved, resume with the same run.dir", reason)
+
+    def consume_stale(self) -> None:
+        """The run finished anyway: a late stop file must not stop a future resume."""
+        if distributed.is_main():
+            self.stop_file.unlink(missing_ok=True)

@@ -1,0 +1,247 @@
+"""The W&B sink of the Tracker: the only module that imports wandb, and only on rank 0.
+
+wandb is imported inside functions, so `wandb.mode=disabled` never loads it, starts its
+service, or creates a `wandb/` directory. Nothing here may stop training: a failed online
+start or a failed log call costs one warning line and the run goes on with local logging
+(metrics.jsonl and the console are the Tracker's other sinks). Which run to log to (env
+overrides, the id kept across resumes) is decided in `wandb_identity` before wandb starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import WandbConfig
+from pipeline.errors import ConfigError
+from pipeline.tracking import curves
+from pipeline.tracking.wandb_identity import plan_run, record_segment, resolve_target
+
+log = logging.getLogger(__name__)
+
+FINISH_TIMEOUT_S = 60.0
+"""Seconds `finish()` waits for uploads before giving up (the run is then marked crashed)."""
+_MAX_ALERTS = 20
+
+
+def _one_line(exc: BaseException) -> str:
+    """First line of an exception, with any API key blanked (wandb errors can echo settings)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    key = os.environ.get("WANDB_API_KEY")
+    if key:
+        text = text.replace(key, "***")
+    return f"{type(exc).__name__}: {text}"
+
+
+class WandbSink:
+    """Forwards the Tracker's events to one W&B run. Construct on rank 0 only."""
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        config: dict,
+        system: dict,
+        resumed_from_step: int | None,
+    ) -> None:
+        self._run: Any = None
+        self._min_step = 0
+        self._alerts: list[str] = []
+        self.target = resolve_target(cfg, run_dir)
+        if self.target.mode == "disabled":
+            return
+        import wandb
+
+        # Silent from the start: a non-silent login looks up the user name over the network
+        # (seconds of retries, unbounded by init_timeout) just to print a greeting.
+        wandb.setup(settings=wandb.Settings(silent=True))
+        if self.target.mode == "online" and not wandb.login(prompt=False, verify=False):
+            # Without credentials wandb.init would prompt on a TTY and wait forever.
+            raise RuntimeError("no W&B credentials (run `wandb login` or set WANDB_API_KEY)")
+        plan = plan_run(self.target, run_dir, resumed_from_step)
+        run_config = {**config, "system": system}
+        notes = self.target.notes
+        if plan.resume_of is not None:
+            run_config.update(resume_of=plan.resume_of, resumed_from_step=resumed_from_step)
+            piece = (
+                f"resume_of={plan.resume_of} resumed_from_step={resumed_from_step}"
+                if resumed_from_step is not None
+                else f"resume_of={plan.resume_of} (restarted from step 0)"
+            )
+            notes = f"{notes}\n{piece}" if notes else piece
+        self.target.dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            init_timeout=cfg.init_timeout,
+            finish_timeout=FINISH_TIMEOUT_S,
+            console="off",  # our console sink already prints; no duplicated output.log
+            silent=True,  # we print our own single status/warning line
+            disable_code=True,
+            save_code=False,
+            disable_git=True,  # the git commit is in config["system"] already
+            x_save_requirements=False,
+        )
+        self._run = wandb.init(
+            project=self.target.project,
+            entity=self.target.entity,
+            group=plan.group,
+            name=plan.name,
+            tags=self.target.tags or None,
+            notes=notes,
+            id=plan.id,
+            resume=plan.resume,
+            dir=str(self.target.dir),
+            mode=self.target.mode,
+            config=run_config,
+            settings=settings,
+        )
+        # A resumed online run already holds steps up to where the previous segment died;
+        # wandb drops anything below its next step (warning on every call), so skip those
+        # quietly: after a resume from an earlier checkpoint the W&B curve has a flat gap.
+        self._min_step = int(self._run.starting_step or 0) if self._run.resumed else 0
+        record_segment(run_dir, plan, self.target.mode, resumed_from_step)
+        where = self._run.dir.rsplit("/files", 1)[0] if self._run.dir else self.target.dir
+        if self.target.mode == "offline":
+            log.info(
+                "wandb: offline run %s in %s (upload later: wandb sync %s)", plan.id, where, where
+            )
+        else:
+            log.info("wandb: run %s%s", plan.id, f" {self._run.url}" if self._run.url else "")
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None
+
+    def _give_up(self, what: str, exc: BaseException) -> None:
+        log.warning(
+            "wandb: %s failed (%s); continuing with local logging only", what, _one_line(exc)
+        )
+        self._run = None
+
+    def log(self, step: int, values: dict[str, float | int]) -> None:
+        if self._run is None or step < self._min_step:
+            return
+        try:
+            self._run.log(dict(values), step=step)
+        except Exception as exc:  # never let tracking stop training
+            self._give_up("log", exc)
+
+    def log_curves(self, step: int, labels: np.ndarray, probs: np.ndarray) -> None:
+        """ROC, PR and per-class probability histogram as W&B line plots (exact, thinned)."""
+        if self._run is None or step < self._min_step or len(labels) == 0:
+            return
+        try:
+            points = curves.curve_points(labels, probs)
+        except ValueError as exc:  # NaN probabilities: no curves this time, W&B stays on
+            log.warning("wandb: no ROC/PR plots at step %d (%s)", step, exc)
+            return
+        try:
+            self._run.log(_plots(points), step=step)
+        except Exception as exc:
+            self._give_up("log_curves", exc)
+
+    def alert(self, message: str) -> None:
+        """A W&B alert online; offline, a summary entry (an offline alert would fire at sync)."""
+        if self._run is None:
+            return
+        try:
+            self._alerts = (self._alerts + [message])[-_MAX_ALERTS:]
+            self._run.summary["alerts"] = list(self._alerts)
+            self._run.summary["last_alert"] = message
+            if self.target.mode == "online":
+                import wandb
+
+                self._run.alert(title="pipeline warning", text=message, level=wandb.AlertLevel.WARN)
+        except Exception as exc:
+            self._give_up("alert", exc)
+
+    def finish(self) -> None:
+        """Close the run; waits at most about FINISH_TIMEOUT_S, whatever the network does."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        errors: list[BaseException] = []
+
+        def close() -> None:
+            try:
+                run.finish()
+            except BaseException as exc:  # noqa: BLE001 - reported below, never raised
+                errors.append(exc)
+
+        # finish_timeout bounds uploads; the thread also bounds anything else that stalls.
+        closer = threading.Thread(target=close, name="wandb-finish", daemon=True)
+        closer.start()
+        closer.join(FINISH_TIMEOUT_S + 15)
+        if closer.is_alive():
+            log.warning(
+                "wandb: finish did not return in %.0f s; leaving it behind", FINISH_TIMEOUT_S + 15
+            )
+        elif errors:
+            log.warning("wandb: finish failed (%s)", _one_line(errors[0]))
+
+
+def wandb_sink_or_none(
+    cfg: WandbConfig,
+    run_dir: Path,
+    config: dict,
+    system: dict,
+    resumed_from_step: int | None,
+) -> WandbSink | None:
+    """The sink, or None when disabled or when W&B cannot start (one warning, training goes on).
+
+    A bad WANDB_MODE value is a user error (ConfigError) and is raised.
+    """
+    if resolve_target(cfg, run_dir).mode == "disabled":
+        return None
+    try:
+        return WandbSink(cfg, run_dir, config, system, resumed_from_step)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        log.warning(
+            "wandb: could not start W&B in %s mode (%s); continuing with local logging only",
+            resolve_target(cfg, run_dir).mode,
+            _one_line(exc),
+        )
+        _teardown()
+        return None
+
+
+def _teardown() -> None:
+    # Stop wandb's background service after a failed init so no process lingers.
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
+
+
+def _plots(points: curves.CurvePoints) -> dict[str, Any]:
+    """W&B custom line charts; one table each, a few hundred rows."""
+    import wandb
+
+    centres = (points.bin_edges[:-1] + points.bin_edges[1:]) / 2
+    rows = [
+        [cls, float(c), float(f)]
+        for cls, frac in points.fractions.items()
+        for c, f in zip(centres, frac, strict=True)
+    ]
+    hist = wandb.Table(columns=["class", "probability", "fraction"], data=rows)
+    plots = {
+        "val/prob_hist": wandb.plot.line(
+            hist, "probability", "fraction", stroke="class", title="Predicted probability per class"
+        )
+    }
+    if min(points.counts.values()) > 0:  # curves are undefined (NaN) with one class only
+        roc = wandb.Table(columns=["fpr", "tpr"], data=np.c_[points.fpr, points.tpr].tolist())
+        pr = wandb.Table(
+            columns=["recall", "precision"], data=np.c_[points.recall, points.precision].tolist()
+        )
+        plots["val/roc_curve"] = wandb.plot.line(roc, "fpr", "tpr", title="ROC")
+        plots["val/pr_curve"] = wandb.plot.line(pr, "recall", "precision", title="Precision-recall")
+    return plots

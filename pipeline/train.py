@@ -1,0 +1,238 @@
+"""The training loop: shards -> device crops -> logits -> BCEWithLogits -> step -> metrics.
+
+Read it top to bottom: `train()` sets up the process, `Trainer` builds the pieces in data
+flow order, and `Trainer.fit()` is one `while` loop over optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import distributed, guard
+from pipeline.config import Config
+from pipeline.data import sources as data_sources
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+from pipeline.data.transforms import DeviceTransform
+from pipeline.errors import PipelineError
+from pipeline.model import as_logits, build_model
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.run_state import RunState
+from pipeline.runtime import autocast, resolve_precision, setup_logging
+from pipeline.stopping import StopRequest
+
+log = logging.getLogger("pipeline")
+
+
+class TrainingDiverged(PipelineError):
+    """Too many consecutive non-finite steps."""
+
+    exit_code = 1
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the final and best validation metrics."""
+    env = distributed.detect_env()
+    setup_logging(env.rank)
+    device = distributed.select_device(cfg.train.device, env.local_rank)
+    if device.type == "cpu" and cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
+    try:
+        return Trainer(cfg, device).fit()
+    finally:
+        distributed.shutdown()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        env = distributed.env()
+        self.precision = resolve_precision(cfg.train.precision, device)
+        # Data first: bad patterns fail here, before the model costs anything.
+        if cfg.data.train is None:
+            data_sources.ensure_synthetic(cfg.data, distributed.is_main())
+            distributed.barrier()
+        self.sources = data_sources.resolve(cfg.data)
+        pos_weight = cfg.loss.pos_weight
+        if pos_weight == "auto":
+            pos_weight = data_sources.auto_pos_weight(self.sources, cfg.loss.max_pos_weight)
+        self.pos_weight = float(pos_weight)
+
+        # Same init on every rank (DDP would broadcast rank 0's weights anyway).
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(
+            dims=cfg.data.dims,
+            in_channels=cfg.data.channels,
+            scales=cfg.data.scales,
+            **{k: getattr(cfg.model, k) for k in ("name", "target", "kwargs", "width", "depth")},
+            **{k: getattr(cfg.model, k) for k in ("features", "hidden", "dropout")},
+        )
+        self.guard_static(model)
+        fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
+        model = model.to(device, memory_format=fmt if cfg.model.channels_last else None)
+        self.model = distributed.wrap_ddp(model, device, cfg.model.sync_batchnorm)
+        if cfg.model.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.criterion = nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor(self.pos_weight, device=device)
+        )
+        self.transform = DeviceTransform(
+            cfg.data.scales,
+            cfg.data.window,
+            cfg.data.mean,
+            cfg.data.std,
+            cfg.data.augment,
+            cfg.model.channels_last,
+        )
+        self.augment_rng = torch.Generator(device).manual_seed(
+            cfg.train.seed * 1_000_003 + env.rank
+        )
+        self.state = RunState(self, env)  # run dir, resume, checkpoints, tracking
+        self.step = self.state.step
+
+    def guard_static(self, model: nn.Module) -> None:
+        crops = [
+            torch.randn((2, self.cfg.data.channels) + (s,) * self.cfg.data.dims)
+            for s in self.cfg.data.scales
+        ]
+        finding = guard.check_static(model, crops, self.cfg.guard.allow_bounded_head)
+        if finding is not None:
+            log.warning(
+                "guard.allow_bounded_head=true: training a bounded head (%s at %s)",
+                finding.op,
+                finding.where,
+            )
+
+    def batches(self):
+        cfg, env = self.cfg, distributed.env()
+        spec = StreamSpec(
+            self.sources.train,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            env.rank,
+            env.world_size,
+            cfg.data.num_workers,
+            cfg.data.shuffle_blocks,
+            cfg.data.on_error,
+            self.sources.train_counts,
+            consumed=self.step * cfg.train.grad_accum,
+        )
+        loader = build_loader(
+            TrainStream(spec),
+            cfg.data.num_workers,
+            self.device.type == "cuda",
+            cfg.data.prefetch_factor,
+        )
+        return iter(loader)
+
+    def check_logits(self, logits: torch.Tensor) -> None:
+        message = guard.check_logits(logits.detach())
+        if message is None:
+            return
+        if self.cfg.guard.dynamic == "error":
+            raise guard.BoundedHeadError(message)
+        self.state.tracker.warn(self.step, message)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        accum, ddp = (
+            cfg.train.grad_accum,
+            isinstance(self.model, nn.parallel.DistributedDataParallel),
+        )
+        amp = autocast(self.precision, self.device)
+        batches = self.batches() if self.step < cfg.train.max_steps else None
+        stop = StopRequest(state.run_dir)
+        window = state.new_window()
+        bad_steps = 0
+        self.model.train()
+        while self.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            for micro in range(accum):
+                waited = time.perf_counter()
+                batch = next(batches)
+                window.wait += time.perf_counter() - waited
+                patch = batch["patch"].to(self.device, non_blocking=True)
+                label = batch["label"].to(self.device, non_blocking=True).float()
+                crops = self.transform(patch, train=True, generator=self.augment_rng)
+                # Only the last micro-step all-reduces gradients.
+                sync = (
+                    self.model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
+                )
+                with sync:
+                    with amp:
+                        logits = as_logits(self.model(*crops))
+                    loss = self.criterion(logits.float(), label) / accum
+                    self.scaler.scale(loss).backward()
+                window.add_loss(loss.detach() * accum)
+                state.note_bad_records(batch["bad_records"])
+                if (
+                    self.step == state.start_step
+                    and micro == 0
+                    or (
+                        cfg.guard.check_every
+                        and self.step % cfg.guard.check_every == 0
+                        and micro == 0
+                    )
+                ):
+                    self.check_logits(logits)
+
+            # scale -> backward (above) -> unscale -> clip -> step -> update -> zero
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), cfg.optim.grad_clip or math.inf
+            )
+            finite = bool(torch.isfinite(grad_norm))
+            stop_now, nonfinite = distributed.any_rank(stop.local(), not finite)
+            if nonfinite and self.precision != "fp16":
+                bad_steps += 1  # skip: AdamW's moments must not see inf/nan
+                state.tracker.warn(
+                    self.step,
+                    f"non-finite loss/gradient at step {self.step + 1}; step skipped ({bad_steps} in a row)",
+                )
+            else:
+                self.scaler.step(self.optimizer)
+                bad_steps = 0
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            window.end_step(time.perf_counter() - started, grad_norm, cfg.train.batch_size * accum)
+
+            if bad_steps >= cfg.train.max_bad_steps:
+                state.save_checkpoint()
+                raise TrainingDiverged(
+                    f"{bad_steps} consecutive non-finite steps; last good step {self.step - bad_steps}, "
+                    f"lr {self.scheduler.get_last_lr()[0]:.3g}, loss scale {self.scaler.get_scale():.3g}; "
+                    f"lower optim.lr or use train.precision=fp32"
+                )
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                window = state.log_window(window)
+            evaluated = False
+            if (
+                cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+            ) or self.step == cfg.train.max_steps:
+                state.evaluate()
+                evaluated = True
+            if stop_now:
+                state.save_checkpoint()
+                stop.consume()
+                return state.finish(stopped=True)
+            if (
+                self.step % cfg.checkpoint.every_steps == 0
+                or self.step == cfg.train.max_steps
+                or evaluated
+                and state.improved
+            ):
+                state.save_checkpoint()
+        stop.consume_stale()
+        return state.finish(stopped=False)
