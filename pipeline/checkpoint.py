@@ -108,6 +108,8 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep_last = keep_last
+        self.resumed_from: Path | None = None
+        """The file `resume_state` loaded (errors about its content must name it)."""
 
     @property
     def last(self) -> Path:
@@ -119,6 +121,11 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], best: bool = False) -> None:
         state = {"format": FORMAT, **state}
+        # Temp files of a process killed mid-save (ours end in our pid): never renamed, so
+        # never read, but each can be as large as a checkpoint.
+        for stale in self.dir.glob(".*.tmp-*"):
+            if not stale.name.endswith(f".tmp-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
         save_atomic(state, self.last)
         if self.keep_last > 0:
             save_atomic(state, self.dir / f"step-{state['step']:08d}.pt")
@@ -139,6 +146,7 @@ class CheckpointManager:
         if resume == "never":
             return None
         if resume != "auto":
+            self.resumed_from = Path(resume)
             return load(resume)
         candidates = [self.last] + list(reversed(self.step_files()))
         candidates = [p for p in candidates if p.exists()]
@@ -152,5 +160,6 @@ class CheckpointManager:
                 continue
             if index > 0:
                 log.warning("resuming from %s instead of %s", path, self.last)
+            self.resumed_from = path
             return state
         return None

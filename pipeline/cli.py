@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import commands, report
+    from pipeline import check_shards, commands, doctor, export, predict, report
     from pipeline.convert import add_parser as add_convert
     from pipeline.data.synthetic import add_parser as add_synthetic
 
@@ -31,7 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_synthetic(subparsers)
     add_convert(subparsers)
     report.add_parser(subparsers)
+    predict.add_parser(subparsers)
+    export.add_parser(subparsers)
+    doctor.add_parser(subparsers)
+    check_shards.add_parser(subparsers)
     return parser
+
+
+def one_line(exc: PipelineError) -> str:
+    """The user's message, also when a DataLoader worker re-raised it with its traceback."""
+    message = str(exc).strip()
+    if "Original Traceback" in message:  # "Caught X in DataLoader worker ...", then the trace
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PipelineError as exc:
-        print(f"pipeline {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        from pipeline.distributed import detect_env
+
+        # Under torchrun/srun every rank may print the same error: say whose line it is.
+        env = detect_env()
+        rank = f"[rank {env.rank}] " if env.distributed else ""
+        print(f"{rank}pipeline {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"pipeline {args.command}: interrupted", file=sys.stderr)

@@ -129,6 +129,11 @@ class DataConfig:
     def patch_size(self) -> int:
         return self.scales[-1]
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, S, S) or (C, S, S, S): what every stored sample must be."""
+        return (self.channels,) + (self.patch_size,) * self.dims
+
 
 @dataclass
 class ModelConfig:
@@ -243,6 +248,10 @@ class TrainConfig:
     """Log step metrics every N steps."""
     max_bad_steps: int = 20
     """Stop after this many consecutive non-finite steps."""
+    stop_at_step: int = 0
+    """Stop as if RUN_DIR/STOP appeared after this step (checkpoint, exit 0); 0 = off. The
+    LR schedule still follows `max_steps`, so a rerun without it resumes exactly where the
+    uninterrupted run would be (cut a long run into pieces; tests of bit-exact resume)."""
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = torch's default)."""
 
@@ -255,6 +264,7 @@ class TrainConfig:
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.log_every > 0, "train.log_every", "must be > 0")
         _require(self.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
+        _require(self.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0 = off)")
         _require(self.threads >= 0, "train.threads", "must be >= 0")
 
 

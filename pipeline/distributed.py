@@ -105,6 +105,18 @@ def init(backend: str, timeout_s: float, device: torch.device, environ: DistEnv)
     os.environ.setdefault("MASTER_ADDR", environ.master_addr)
     os.environ.setdefault("MASTER_PORT", str(environ.master_port))
     timeout = timedelta(seconds=timeout_s)
+    if (
+        environ.rank == 0
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    ):
+        # torch 2.13's agent keeps one store across restarts: a restarted rank can read a
+        # dead peer's address and fail to connect (seen here about half the time).
+        log.warning(
+            "torchrun --max-restarts with the shared rendezvous store may hand restarted "
+            "workers dead peers' addresses (pytorch#135712); export "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
+        )
     dist.init_process_group(
         backend,
         init_method="env://",
@@ -123,6 +135,18 @@ def init(backend: str, timeout_s: float, device: torch.device, environ: DistEnv)
         socket.gethostname(),
     )
     return environ
+
+
+def placement() -> dict[str, Any]:
+    """Where this rank runs: recorded for every rank in the run's start event."""
+    return {
+        "rank": _ENV.rank,
+        "local_rank": _ENV.local_rank,
+        "host": socket.gethostname(),
+        # srun sets it per task (and torchrun passes it on): the node as SLURM names it.
+        "node": os.environ.get("SLURMD_NODENAME"),
+        "launcher": _ENV.launcher,
+    }
 
 
 def shutdown() -> None:
@@ -168,6 +192,19 @@ def sum_across(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, group=_CONTROL)
     return tensor.tolist()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running stats) everywhere.
+
+    DDP broadcasts buffers at the start of each forward, but the forward then updates them
+    with each rank's own batch; evaluating with rank 0's (the checkpointed ones) keeps
+    distributed validation equal to evaluating the saved checkpoint.
+    """
+    if not dist.is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool) -> torch.nn.Module:

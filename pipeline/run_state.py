@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,27 +81,33 @@ class RunState:
             self.restore(resumed)
         else:
             # Each rank its own stream for dropout and friends; model init already happened.
-            torch.manual_seed(self.cfg.train.seed + 7919 * (env.rank + 1))
+            # Python's and numpy's global RNGs too: user models may draw from them, and they
+            # must repeat for a resumed run to equal an uninterrupted one.
+            seed = self.cfg.train.seed + 7919 * (env.rank + 1)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         self.start_step = self.step
         self.tracker = self.build_tracker(resumed is not None)
 
     # -- start -------------------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
         saved = state.get("config", {}).get("data", {})
+        source = self.checkpoints.resumed_from or self.checkpoints.last
         for key in MODEL_KEYS:
             if key in saved and saved[key] != getattr(self.cfg.data, key):
                 raise CheckpointError(
-                    f"checkpoint {self.checkpoints.last}: data.{key}={saved[key]} does not match "
+                    f"checkpoint {source}: data.{key}={saved[key]} does not match "
                     f"this config's {getattr(self.cfg.data, key)}; use a new run.dir"
                 )
         trainer = self.trainer
         try:
             distributed.unwrap(trainer.model).load_state_dict(state["model"])
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise CheckpointError(
-                f"checkpoint {self.checkpoints.last}: model does not fit ({first})"
-            ) from None
+            # "Error(s) in loading state_dict for X:" then one line per mismatch: show one.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+            raise CheckpointError(f"checkpoint {source}: model does not fit ({first})") from None
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
@@ -117,15 +124,17 @@ class RunState:
         self.step = int(state["step"])
         self.best = state.get("best", self.best)
         self.thresholds = state.get("thresholds", {})
-        log.info("resumed from step %d (%s)", self.step, self.checkpoints.last)
+        log.info("resumed from step %d (%s)", self.step, source)
 
     def build_tracker(self, resumed: bool) -> Tracker:
         main = distributed.is_main()
         sink = None
+        ranks = distributed.gather_objects(distributed.placement())
         if main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             system = system_info(self.trainer.device, self.env.world_size)
             system.update(
+                ranks=ranks,
                 precision=self.trainer.precision,
                 pos_weight=self.trainer.pos_weight,
                 global_batch=self.cfg.train.batch_size
@@ -208,8 +217,10 @@ class RunState:
             rank=self.env.rank,
             world_size=self.env.world_size,
             on_error=cfg.data.on_error,
+            sample_shape=cfg.data.sample_shape,
         )
         model = distributed.unwrap(trainer.model)
+        distributed.broadcast_buffers(model)
         preds = predict_all(
             model,
             spec,
@@ -286,9 +297,13 @@ class RunState:
 
     # -- end -----------------------------------------------------------------------------
     def finish(self, stopped: bool) -> dict[str, Any]:
+        # Proof that no rank ran ahead or fell behind (uneven shards must not matter).
+        steps = distributed.gather_objects(self.trainer.step)
+        self.tracker.event("end", self.trainer.step, {"stopped": stopped, "steps_per_rank": steps})
         self.tracker.close()
         result = {
             "step": self.trainer.step,
+            "steps_per_rank": steps,
             "stopped": stopped,
             "run_dir": str(self.run_dir),
             "best": self.best,

@@ -18,7 +18,7 @@ from torch import nn
 from pipeline import distributed, guard
 from pipeline.config import Config
 from pipeline.data import sources as data_sources
-from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader, check_readers
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import PipelineError
 from pipeline.model import as_logits, build_model
@@ -60,6 +60,7 @@ class Trainer:
             data_sources.ensure_synthetic(cfg.data, distributed.is_main())
             distributed.barrier()
         self.sources = data_sources.resolve(cfg.data)
+        check_readers(len(self.sources.train), env.world_size, cfg.data.num_workers)
         pos_weight = cfg.loss.pos_weight
         if pos_weight == "auto":
             pos_weight = data_sources.auto_pos_weight(self.sources, cfg.loss.max_pos_weight)
@@ -99,6 +100,7 @@ class Trainer:
         )
         self.state = RunState(self, env)  # run dir, resume, checkpoints, tracking
         self.step = self.state.step
+        self.logit_suspect = False
 
     def guard_static(self, model: nn.Module) -> None:
         crops = [
@@ -126,6 +128,7 @@ class Trainer:
             cfg.data.on_error,
             self.sources.train_counts,
             consumed=self.step * cfg.train.grad_accum,
+            sample_shape=cfg.data.sample_shape,
         )
         loader = build_loader(
             TrainStream(spec),
@@ -136,8 +139,17 @@ class Trainer:
         return iter(loader)
 
     def check_logits(self, logits: torch.Tensor) -> None:
+        """Dynamic guard: suspicious logits on two checks in a row are reported.
+
+        A freshly initialised healthy model often gives one batch of same-signed logits,
+        so the first suspicious batch only arms the check; the next check decides.
+        """
         message = guard.check_logits(logits.detach())
+        armed, self.logit_suspect = self.logit_suspect, message is not None
         if message is None:
+            return
+        if not armed:
+            log.info("guard: first suspicious batch at step %d; re-checking later", self.step)
             return
         if self.cfg.guard.dynamic == "error":
             raise guard.BoundedHeadError(message)
@@ -154,9 +166,15 @@ class Trainer:
         stop = StopRequest(state.run_dir)
         window = state.new_window()
         bad_steps = 0
+        # A skipped step must also undo its forward's BatchNorm statistics: one overflowing
+        # forward would otherwise leave NaN running stats in every later eval and checkpoint.
+        buffers = list(self.model.buffers())
+        buffers_before = [b.detach().clone() for b in buffers]
         self.model.train()
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
+            if buffers:
+                torch._foreach_copy_(buffers_before, buffers)
             for micro in range(accum):
                 waited = time.perf_counter()
                 batch = next(batches)
@@ -175,14 +193,9 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                 window.add_loss(loss.detach() * accum)
                 state.note_bad_records(batch["bad_records"])
-                if (
-                    self.step == state.start_step
-                    and micro == 0
-                    or (
-                        cfg.guard.check_every
-                        and self.step % cfg.guard.check_every == 0
-                        and micro == 0
-                    )
+                due = self.step == state.start_step or self.step == state.start_step + 10
+                if micro == 0 and (
+                    due or (cfg.guard.check_every and self.step % cfg.guard.check_every == 0)
                 ):
                     self.check_logits(logits)
 
@@ -192,9 +205,12 @@ class Trainer:
                 self.model.parameters(), cfg.optim.grad_clip or math.inf
             )
             finite = bool(torch.isfinite(grad_norm))
-            stop_now, nonfinite = distributed.any_rank(stop.local(), not finite)
+            stop_here = stop.local() or self.step + 1 == cfg.train.stop_at_step
+            stop_now, nonfinite = distributed.any_rank(stop_here, not finite)
             if nonfinite and self.precision != "fp16":
                 bad_steps += 1  # skip: AdamW's moments must not see inf/nan
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, buffers_before)
                 state.tracker.warn(
                     self.step,
                     f"non-finite loss/gradient at step {self.step + 1}; step skipped ({bad_steps} in a row)",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,23 @@ def scontrol(*args: str) -> subprocess.CompletedProcess[str]:
 
 def cancel(job_id: str) -> None:
     subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+def start_requeued_now(job_id: str, timeout: float = 30) -> None:
+    """Make a requeued job eligible at once instead of after its ~120 s BeginTime hold.
+
+    slurmd revokes a job's credential when a start ends and compares times in whole
+    seconds, so a restart within the same second is killed ("Job credential revoked",
+    state FAILED). Wait until 2 s after the requeue (the job's new SubmitTime) first.
+    """
+    requeued = datetime.fromisoformat(job_info(job_id)["SubmitTime"]).timestamp()
+    time.sleep(max(0.0, requeued + 2 - time.time()))
+    wait_until(
+        lambda: scontrol("update", f"JobId={job_id}", "StartTime=now").returncode == 0,
+        timeout,
+        "the requeued job to accept StartTime=now",
+        job_id,
+    )
 
 
 DUMMY_TRAINER = '''\

@@ -17,7 +17,7 @@ from slurm_helpers import (
     job_env,
     rank_records,
     requires_slurm,
-    scontrol,
+    start_requeued_now,
     submit,
     wait_for_state,
     wait_until,
@@ -73,7 +73,7 @@ def test_train_sbatch_runs_one_process_per_gpu_on_one_node(tmp_path, env, jobs):
     assert {r["total"] for r in ranks} == {"2"}  # the all-reduce really ran
     assert {r["node"] for r in ranks} == {info["NodeList"]}
     argv = (tmp_path / "run" / "argv.txt").read_text()
-    assert argv == f"train run.dir={tmp_path / 'run'} optim.lr=1e-3 train.max_steps=7"
+    assert argv == f"train optim.lr=1e-3 train.max_steps=7 run.dir={tmp_path / 'run'}"
     assert (tmp_path / f"pipeline-{job}.out").exists()  # log named by job id
 
 
@@ -118,12 +118,7 @@ def test_preemptible_job_checkpoints_requeues_and_resumes_after_usr1(tmp_path, e
     assert info["Restarts"] == "1"
     assert (run / "checkpoints" / "last.pt").read_text() == "stopped at start 0, world 2"
     assert not (run / "STOP").exists()  # the trainer consumed the stop request
-    wait_until(
-        lambda: scontrol("update", f"JobId={job}", "StartTime=now").returncode == 0,
-        30,
-        "the requeued job to accept StartTime=now",
-        job,
-    )
+    start_requeued_now(job)
     info = wait_for_state(job, "COMPLETED", timeout=120)
 
     assert info["Restarts"] == "1"

@@ -12,8 +12,10 @@ Blocks keep per-sample Python work out of the hot loop: one decode yields K samp
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,12 +24,15 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from numpy.lib import format as npformat
 
 from pipeline.errors import DataError
 
 FORMAT_VERSION = 1
+SHARD_MTIME = 0  # member timestamps: fixed, so the same samples give the same shard bytes
 MANIFEST_NAME = "manifest.json"
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "float16", "float32")
+_ALLOWED = frozenset(np.dtype(name) for name in ALLOWED_DTYPES)
 # Members that would need pickle to decode; a shard carrying them is refused, never loaded.
 PICKLE_SUFFIXES = (".pyd", ".pth", ".pt", ".pickle", ".pkl")
 
@@ -88,6 +93,12 @@ def encode_block(
     }
 
 
+def _zero_or_one(label: np.ndarray) -> bool:
+    if label.dtype == np.uint8:  # what the writer stores: one reduction suffices
+        return bool(label.max() <= 1)
+    return bool(((label == 0) | (label == 1)).all())
+
+
 def check_block_arrays(patch: np.ndarray, label: np.ndarray, source: str) -> None:
     """Raise DataError naming `source` unless the arrays are a well-formed block."""
     if patch.ndim not in (4, 5):
@@ -95,25 +106,64 @@ def check_block_arrays(patch: np.ndarray, label: np.ndarray, source: str) -> Non
     spatial = patch.shape[2:]
     if len(set(spatial)) != 1:
         raise DataError(f"{source}: patch must be square/cubic, got spatial shape {spatial}")
-    if patch.dtype.name not in ALLOWED_DTYPES:
+    # dtype.name builds a string each call; the set lookup is the per-record fast path.
+    if patch.dtype not in _ALLOWED and patch.dtype.name not in ALLOWED_DTYPES:
         raise DataError(f"{source}: patch dtype {patch.dtype} not in {ALLOWED_DTYPES}")
     if label.ndim != 1 or label.shape[0] != patch.shape[0]:
         raise DataError(f"{source}: label shape {label.shape} does not match {patch.shape[0]}")
-    if label.size and not np.isin(label, (0, 1)).all():
+    if label.size and not _zero_or_one(label):
         raise DataError(f"{source}: labels must be 0 or 1")
     if patch.dtype.kind == "f" and not np.isfinite(patch).all():
         raise DataError(f"{source}: patch holds NaN or Inf")
 
 
-def _load_npy(data: bytes, member: str) -> np.ndarray:
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of a .npy header; cached, as blocks repeat their header."""
+    stream = io.BytesIO(header)
+    version = npformat.read_magic(stream)
+    read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+    shape, fortran, dtype = read(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickle")
+    return shape, fortran, dtype
+
+
+def npy_header_size(start: bytes | memoryview) -> int:
+    """Bytes before the payload of a .npy file, from its first 12 bytes."""
+    prefix = 10 if start[6] == 1 else 12  # magic, version, then a 2- or 4-byte length
+    return prefix + int.from_bytes(start[8:prefix], "little")
+
+
+def _load_npy(data: Any, member: str) -> np.ndarray:
+    """The .npy payload viewed in place: no copy, and writable when `data` is writable.
+
+    np.load(BytesIO) parses the same header but copies the payload twice, which was a
+    third of the training loader's time. Object arrays (pickle) are refused either way.
+    `data` is the file's bytes, or [header, payload] when the reader placed them apart.
+    """
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        if isinstance(data, list):
+            header, payload, offset = bytes(data[0]), data[1], 0
+        else:
+            view = memoryview(data)
+            offset = npy_header_size(view)
+            header, payload = bytes(view[:offset]), data
+        if header[6] not in (1, 2):
+            return np.load(io.BytesIO(header + bytes(payload)), allow_pickle=False)
+        shape, fortran, dtype = _npy_header(header)
+        array = np.frombuffer(payload, dtype, math.prod(shape), offset)
+        return array.reshape(shape, order="F" if fortran else "C")
     except Exception as exc:  # ValueError for object arrays, others for truncation
         raise DataError(f"{member}: cannot decode .npy without pickle ({exc})") from None
 
 
-def decode_block(sample: dict[str, Any]) -> Block:
-    """A webdataset sample dict (raw bytes per member) -> validated Block; DataError if bad."""
+def decode_block(sample: dict[str, Any], meta: bool = True) -> Block:
+    """A webdataset sample dict (raw bytes per member) -> validated Block; DataError if bad.
+
+    `meta=False` skips parsing meta.json (ids stay empty): training never reads ids, and
+    the JSON of 256 ids and coordinates cost as much as decoding the patches.
+    """
     key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     for name in sample:
         if name.endswith(PICKLE_SUFFIXES) or name.split(".")[-1] in ("pyd", "pth", "pickle"):
@@ -124,6 +174,8 @@ def decode_block(sample: dict[str, Any]) -> Block:
     patch = _load_npy(sample["patch.npy"], f"{key}.patch.npy")
     label = _load_npy(sample["label.npy"], f"{key}.label.npy")
     check_block_arrays(patch, label, source=key)
+    if not meta:
+        return Block(patch, label.astype(np.uint8), [], None, None)
     try:
         meta = json.loads(sample["meta.json"])
     except ValueError as exc:
@@ -149,7 +201,10 @@ def write_shard(
     tmp = path.with_name(path.name + ".tmp")
     n = len(label)
     blocks = 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:
+    # A whole-second mtime keeps headers plain ustar: webdataset's default (time.time(), a
+    # float) adds a pax header to every member, which made shards differ run to run and
+    # doubled the headers the loader parses.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=SHARD_MTIME) as sink:
         for start in range(0, n, block_size):
             stop = min(start + block_size, n)
             sink.write(

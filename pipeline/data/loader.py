@@ -5,7 +5,10 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
   shards[r::world], its worker w takes those [w::workers]. Across all ranks and workers,
   epoch e reads every sample exactly once.
 - blocks go through a shuffle buffer that permutes whole arrays with numpy, never
-  per-sample Python objects;
+  per-sample Python objects. Patches are read straight into the buffer's arena and
+  gathered once into each batch (two copies per sample, the disk read included), so host
+  memory per worker is about 2 x shuffle_blocks x K x bytes per sample, plus the
+  prefetched batches (see scripts/bench_loader.py);
 - the stream never ends, so every rank takes exactly `max_steps` steps whatever the shard
   sizes: a rank with smaller shards simply starts its next epoch sooner. No rank can run
   dry and leave the others waiting in all-reduce.
@@ -14,21 +17,30 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
   rotates workers so the DataLoader's round-robin continues exactly where it stopped.
 
 Validation reads each shard once, in order, rank r taking shards[r::world].
+
+Shards are read by `tar_records` (local files, one readinto per member) rather than
+webdataset's streaming tar reader, and batches leave DataLoader workers pickled by value
+(`ship`): both were measured bottlenecks. The files stay plain WebDataset tars.
 """
 
 from __future__ import annotations
 
+import os
+import tarfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
 from pipeline.data.problems import ProblemLog
+from pipeline.data.tar_records import Placer, tar_records
 from pipeline.errors import DataError
 
 
@@ -48,29 +60,93 @@ class StreamSpec:
     """Samples per shard (from the manifest); lets a resume skip whole epochs."""
     consumed: int = 0
     """Batches this rank already consumed (resume position)."""
+    sample_shape: tuple[int, ...] | None = None
+    """(C, S, S[, S]) every block must have (from the config); None = not checked."""
     problems: ProblemLog = field(default_factory=ProblemLog)
 
 
-def read_blocks(shards: Sequence[str], on_error: str, problems: ProblemLog) -> Iterator[Block]:
-    """Decoded blocks of `shards`, in order; bad records are skipped and counted, or raise."""
+def read_blocks(
+    shards: Sequence[str],
+    on_error: str,
+    problems: ProblemLog,
+    meta: bool = True,
+    sample_shape: tuple[int, ...] | None = None,
+    place: Placer | None = None,
+) -> Iterator[Block]:
+    """Decoded blocks of `shards`, in order; bad records are skipped and counted, or raise.
 
-    def tar_error(exc: Exception) -> bool:
-        # Truncated or unreadable tars: webdataset asks us whether to go on.
-        if on_error == "fail":
-            raise DataError(f"unreadable shard data: {exc}") from None
-        problems.record("tar", str(exc))
-        return True
-
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(list(shards)), wds.tarfile_to_samples(handler=tar_error)
-    )
-    for sample in pipeline:
+    `meta=False` leaves ids/groups/coords unparsed (training needs only patch and label);
+    `place` may read members into caller-owned memory (the training stream's Arena).
+    Blocks whose sample shape is not `sample_shape` are bad records too (one odd shard
+    would otherwise break batching far from its cause), and so is a shard with no records.
+    """
+    for shard in shards:
+        records = 0
         try:
-            yield decode_block(sample)
-        except DataError as exc:
+            for sample in tar_records(shard, place):
+                records += 1
+                try:
+                    block = decode_block(sample, meta)
+                    if sample_shape is not None and block.patch.shape[1:] != sample_shape:
+                        found, wanted = (
+                            "x".join(map(str, shape))
+                            for shape in (block.patch.shape[1:], sample_shape)
+                        )
+                        raise DataError(
+                            f"{shard}:{sample['__key__']}: samples of shape {found}, but the "
+                            f"config (data.channels, data.scales[-1], data.dims) says {wanted}"
+                        )
+                except DataError as exc:
+                    if on_error == "fail":
+                        raise
+                    problems.record(shard, str(exc))
+                    continue
+                yield block
+        except (OSError, tarfile.TarError) as exc:
+            # Truncated or unreadable tar: the rest of this shard is lost, the others are read.
             if on_error == "fail":
-                raise
-            problems.record(sample.get("__url__", "?"), str(exc))
+                raise DataError(f"unreadable shard data: {shard}: {exc}") from None
+            problems.record("tar", f"{shard}: {exc}")
+            continue
+        if records == 0:
+            if on_error == "fail":
+                raise DataError(f"{shard}: empty shard (a tar with no records)")
+            problems.record(shard, f"{shard}: empty shard (a tar with no records)")
+
+
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class _Shipped:
+    """A worker's batch that crosses to the trainer pickled by value, arriving as tensors.
+
+    Tensors sent from a DataLoader worker each get a fresh shared-memory segment whose file
+    descriptor travels over a socket, per tensor and per batch: for batches under about
+    1 MiB (2D) that fixed cost was 4x the cost of pickling the bytes through the result
+    pipe on a 2-core VM; above a few MiB (3D) shared memory wins. Unpickling rebuilds the
+    plain dict.
+    """
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        self.batch = batch
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return _as_tensors, (self.batch,)
+
+
+INLINE_MAX_BYTES = 1 << 20
+
+
+def ship(batch: dict[str, Any]) -> Any:
+    """A batch of numpy arrays -> tensors, or, inside a worker, a by-value package if small."""
+    if get_worker_info() is None:
+        return _as_tensors(batch)
+    size = sum(v.nbytes for v in batch.values() if isinstance(v, np.ndarray))
+    return _Shipped(batch) if size <= INLINE_MAX_BYTES else _as_tensors(batch)
 
 
 def _epoch_shards(spec: StreamSpec, epoch: int, worker: int, workers: int) -> list[int]:
@@ -78,20 +154,33 @@ def _epoch_shards(spec: StreamSpec, epoch: int, worker: int, workers: int) -> li
     return [int(i) for i in order[spec.rank :: spec.world_size][worker::workers]]
 
 
-def _own_epoch(spec: StreamSpec, epoch: int, worker: int, workers: int) -> Iterator[dict]:
-    """One epoch of one worker's samples, shuffled over a buffer of blocks, as array chunks."""
+def _own_epoch(spec: StreamSpec, epoch: int, worker: int, workers: int) -> Iterator[Chunk]:
+    """One epoch of one worker's samples, shuffled over a buffer of blocks.
+
+    Each chunk is (patch, label, order): its samples are patch[order], gathered batch by
+    batch straight into the batch arrays, so the buffer is copied once on its way out.
+    """
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker])
     shards = [spec.shards[i] for i in _epoch_shards(spec, epoch, worker, workers)]
     buffer: list[Block] = []
+    arena = Arena(spec.shuffle_blocks)
 
-    def flush() -> dict:
-        patch = np.concatenate([b.patch for b in buffer])
-        label = np.concatenate([b.label for b in buffer])
+    def flush() -> Chunk:
+        # The patches were read back to back into the arena: no concatenation needed.
+        patch = arena.take([b.patch for b in buffer])
+        label = buffer[0].label if len(buffer) == 1 else np.concatenate([b.label for b in buffer])
         order = rng.permutation(len(label))
         buffer.clear()
-        return {"patch": patch[order], "label": label[order]}
+        return patch, label, order
 
-    for block in read_blocks(shards, spec.on_error, spec.problems):
+    for block in read_blocks(
+        shards,
+        spec.on_error,
+        spec.problems,
+        meta=False,
+        sample_shape=spec.sample_shape,
+        place=arena.place,
+    ):
         buffer.append(block)
         if len(buffer) >= spec.shuffle_blocks:
             yield flush()
@@ -122,41 +211,54 @@ def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tupl
     return start, totals[start]
 
 
-def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> Iterator[dict]:
-    """Infinite batches of one logical worker, after discarding its first `skip` batches."""
+def _gather(pieces: list[Chunk], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch from (patch, label, indices) pieces, in order, with one copy per sample."""
+    shape = pieces[0][0].shape[1:]
+    patch = np.empty((size, *shape), np.result_type(*(p for p, _, _ in pieces)))
+    label = np.empty(size, np.uint8)
+    # Stand-ins (zeros) lead where an unreplayed carry-in would have been (see _start_epoch).
+    at = size - sum(len(index) for _, _, index in pieces)
+    patch[:at], label[:at] = 0, 0
+    for source_patch, source_label, index in pieces:
+        # mode="clip" writes into `out` directly (indices are valid); "raise" buffers a copy.
+        np.take(source_patch, index, axis=0, out=patch[at : at + len(index)], mode="clip")
+        np.take(source_label, index, out=label[at : at + len(index)], mode="clip")
+        at += len(index)
+    return patch, label
+
+
+def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> Iterator[Any]:
+    """Infinite batches of one logical worker, after discarding its first `skip` batches.
+
+    Skipped batches are counted but never gathered, so a resume costs reading, not copying.
+    """
     size = spec.batch_size
     epoch, emitted = _start_epoch(spec, worker, workers, skip)
-    batch_index = emitted // size
-    # Stand-ins for the carry-in of an epoch we did not replay; they only fill skipped batches.
-    stand_ins = emitted % size
-    carry_patch: list[np.ndarray] = []
-    carry_label: list[np.ndarray] = []
+    # `filled` stand-ins for the carry-in of an epoch we did not replay: they only take
+    # positions in skipped batches.
+    batch_index, filled = divmod(emitted, size)
+    pieces: list[Chunk] = []
     while True:
         got_any = False
-        for chunk in _own_epoch(spec, epoch, worker, workers):
+        for patch, label, order in _own_epoch(spec, epoch, worker, workers):
             got_any = True
-            if stand_ins:
-                carry_patch.append(
-                    np.zeros((stand_ins, *chunk["patch"].shape[1:]), chunk["patch"].dtype)
-                )
-                carry_label.append(np.zeros(stand_ins, np.uint8))
-                stand_ins = 0
-            carry_patch.append(chunk["patch"])
-            carry_label.append(chunk["label"])
-            pending = sum(len(x) for x in carry_label)
-            if pending < size:
-                continue
-            patch, label = np.concatenate(carry_patch), np.concatenate(carry_label)
-            full = (len(label) // size) * size
-            for start in range(0, full, size):
+            start = 0
+            while start < len(order):
+                take = min(size - filled, len(order) - start)
                 if batch_index >= skip:
-                    yield {
-                        "patch": torch.from_numpy(patch[start : start + size]),
-                        "label": torch.from_numpy(label[start : start + size]),
-                        "bad_records": torch.tensor([worker, spec.problems.count]),
-                    }
-                batch_index += 1
-            carry_patch, carry_label = [patch[full:]], [label[full:]]
+                    pieces.append((patch, label, order[start : start + take]))
+                start, filled = start + take, filled + take
+                if filled == size:
+                    if batch_index >= skip:
+                        batch_patch, batch_label = _gather(pieces, size)
+                        yield ship(
+                            {
+                                "patch": batch_patch,
+                                "label": batch_label,
+                                "bad_records": np.array([worker, spec.problems.count]),
+                            }
+                        )
+                    pieces, filled, batch_index = [], 0, batch_index + 1
         if not got_any:
             raise DataError(
                 f"rank {spec.rank} worker {worker}: epoch {epoch} yielded no readable samples "
@@ -165,19 +267,23 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
         epoch += 1
 
 
+def check_readers(shards: int, world_size: int, num_workers: int) -> None:
+    """Every (rank, worker) reader needs a shard of its own each epoch: no duplicates, no idlers."""
+    workers = max(num_workers, 1)
+    if shards < world_size * workers:
+        raise DataError(
+            f"data.train: {shards} shards cannot feed {world_size} ranks x {workers} workers "
+            f"({world_size * workers} readers); write more shards or lower data.num_workers"
+        )
+
+
 class TrainStream(IterableDataset):
     """A rank's infinite training stream; each DataLoader worker plays one logical worker."""
 
     def __init__(self, spec: StreamSpec) -> None:
         super().__init__()
         self.spec = spec
-        workers = max(spec.num_workers, 1)
-        if len(spec.shards) < spec.world_size * workers:
-            raise DataError(
-                f"data.train: {len(spec.shards)} shards cannot feed {spec.world_size} ranks x "
-                f"{workers} workers ({spec.world_size * workers} readers); write more shards "
-                f"or lower data.num_workers"
-            )
+        check_readers(len(spec.shards), spec.world_size, spec.num_workers)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -202,27 +308,50 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = self.spec.shards[self.spec.rank :: self.spec.world_size][worker::workers]
-        pending: list[Block] = []
-        for block in read_blocks(mine, self.spec.on_error, self.spec.problems):
-            pending.append(block)
-            if sum(len(b) for b in pending) >= self.spec.batch_size:
+        # Batches never span two shards, so every sample meets the same batch (and gets the
+        # same logit, bit for bit) however shards are split across ranks and workers.
+        for shard in mine:
+            pending: list[Block] = []
+            for block in read_blocks(
+                [shard], self.spec.on_error, self.spec.problems, sample_shape=self.spec.sample_shape
+            ):
+                pending.append(block)
+                if sum(len(b) for b in pending) >= self.spec.batch_size:
+                    yield _eval_batch(pending, worker, self.spec.problems.count)
+                    pending = []
+            if pending:
                 yield _eval_batch(pending, worker, self.spec.problems.count)
-                pending = []
-        if pending:
-            yield _eval_batch(pending, worker, self.spec.problems.count)
 
 
 def _eval_batch(blocks: list[Block], worker: int, bad_records: int) -> dict[str, Any]:
     groups = None
     if all(b.groups is not None for b in blocks):
         groups = [g for b in blocks for g in b.groups]  # type: ignore[union-attr]
-    return {
-        "patch": torch.from_numpy(np.concatenate([b.patch for b in blocks])),
-        "label": torch.from_numpy(np.concatenate([b.label for b in blocks])),
-        "ids": [i for b in blocks for i in b.ids],
-        "groups": groups,
-        "bad_records": torch.tensor([worker, bad_records]),
-    }
+    return ship(
+        {
+            "patch": np.concatenate([b.patch for b in blocks]),
+            "label": np.concatenate([b.label for b in blocks]),
+            "ids": [i for b in blocks for i in b.ids],
+            "groups": groups,
+            "bad_records": np.array([worker, bad_records]),
+        }
+    )
+
+
+def _exit_with_parent(worker_id: int) -> None:
+    """Worker side: leave at once when the trainer dies (SIGKILL, OOM, preemption).
+
+    Shipped batches are larger than a pipe's buffer, so a worker whose trainer died blocks
+    forever in its exit handler, flushing a batch nobody will read; os._exit skips that.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def build_loader(
@@ -236,4 +365,9 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=_exit_with_parent,
+        # Its own generator: DataLoader draws a worker seed per iterator, and drawing it from
+        # the global RNG would shift dropout after a resume (which builds one more loader).
+        # Our streams seed themselves from (seed, epoch, rank, worker), so this seed is unused.
+        generator=torch.Generator(),
     )

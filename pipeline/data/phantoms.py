@@ -70,7 +70,10 @@ class Grid:
     def __init__(self, dims: int, size: int) -> None:
         self.dims, self.size = dims, size
         axis = np.arange(size, dtype=np.float32)
-        self.axes = [axis.reshape((1,) + tuple(size if i == k else 1 for i in range(dims))) for k in range(dims)]
+        self.axes = [
+            axis.reshape((1,) + tuple(size if i == k else 1 for i in range(dims)))
+            for k in range(dims)
+        ]
 
     def diff(self, point: np.ndarray) -> list[np.ndarray]:
         return [a - _col(point[:, k], self.dims) for k, a in enumerate(self.axes)]
@@ -88,15 +91,26 @@ def _soft(distance: np.ndarray, radius: np.ndarray, edge: np.ndarray, dims: int)
     return np.clip(0.5 + (_col(radius, dims) - distance) / _col(edge, dims), 0.0, 1.0)
 
 
-def ellipsoid(g: Grid, c: np.ndarray, u: np.ndarray, radius: np.ndarray, elong: np.ndarray, edge: np.ndarray) -> np.ndarray:
-    """Spheroid about axis `u`: semi-axis radius*elong along u, radius across."""
+def ellipsoid(
+    g: Grid, c: np.ndarray, u: np.ndarray, radius: np.ndarray, elong: np.ndarray, edge: np.ndarray
+) -> np.ndarray:
+    """Spheroid about axis `u`: semi-axis radius*elong along u, radius across.
+
+    The metric is scaled to the shorter semi-axis, so the soft edge is `edge` pixels wide
+    where the surface is flattest: a thin plate must not look sharper than a nodule.
+    """
     d = g.diff(c)
     along = g.project(d, u)
-    shrink = _col(1.0 - 1.0 / np.square(elong), g.dims)
-    return _soft(np.sqrt(np.maximum(g.norm2(d) - shrink * along * along, 0.0)), radius, edge, g.dims)
+    semi_along = radius * elong
+    short = np.minimum(radius, semi_along)
+    k_across, k_along = np.square(short / radius), np.square(short / semi_along)
+    metric2 = _col(k_across, g.dims) * g.norm2(d) + _col(k_along - k_across, g.dims) * along * along
+    return _soft(np.sqrt(np.maximum(metric2, 0.0)), short, edge, g.dims)
 
 
-def tube(g: Grid, p: np.ndarray, u: np.ndarray, radius: np.ndarray, edge: np.ndarray, ray: bool = False) -> np.ndarray:
+def tube(
+    g: Grid, p: np.ndarray, u: np.ndarray, radius: np.ndarray, edge: np.ndarray, ray: bool = False
+) -> np.ndarray:
     """A vessel: infinite tube (line with width in 2D) through p along u, or a ray from p."""
     d = g.diff(p)
     if g.dims == 2 and not ray:  # a line's distance is one projection: no square root
@@ -107,32 +121,50 @@ def tube(g: Grid, p: np.ndarray, u: np.ndarray, radius: np.ndarray, edge: np.nda
     return _soft(np.sqrt(np.maximum(g.norm2(d) - along * along, 0.0)), radius, edge, g.dims)
 
 
-def wall(g: Grid, c: np.ndarray, normal: np.ndarray, dist: np.ndarray, curvature: np.ndarray, edge: np.ndarray) -> np.ndarray:
+def wall(
+    g: Grid,
+    c: np.ndarray,
+    normal: np.ndarray,
+    dist: np.ndarray,
+    curvature: np.ndarray,
+    edge: np.ndarray,
+) -> np.ndarray:
     """Chest wall: tissue outside a big sphere whose surface passes `dist` from c along `normal`."""
     centre = c + normal * (dist - curvature)[:, None]
     outside = np.sqrt(g.norm2(g.diff(centre))) - _col(curvature, g.dims)
     return np.clip(0.5 + outside / _col(edge, g.dims), 0.0, 1.0)
 
 
-def plate(g: Grid, c: np.ndarray, normal: np.ndarray, thickness: np.ndarray, extent: np.ndarray, edge: np.ndarray) -> np.ndarray:
+def plate(
+    g: Grid,
+    c: np.ndarray,
+    normal: np.ndarray,
+    thickness: np.ndarray,
+    extent: np.ndarray,
+    edge: np.ndarray,
+) -> np.ndarray:
     """Flat spheroid (plaque/ridge): semi-axis `thickness` along normal, `extent` across."""
     return ellipsoid(g, c, normal, extent, thickness / extent, edge)
 
 
-def _render_kind(kind: str, g: Grid, rng: np.random.Generator, c: np.ndarray, edge: np.ndarray) -> np.ndarray:
+def _render_kind(
+    kind: str, g: Grid, rng: np.random.Generator, c: np.ndarray, edge: np.ndarray
+) -> np.ndarray:
     """Occupancy [n, S...] of the structure a candidate of `kind` sits on, centred at c."""
     n, dims = c.shape
     u = _unit(rng, n, dims)
     w = _perpendicular(rng, u)
     U = rng.uniform
     if kind == "small_nodule":
-        return ellipsoid(g, c, u, U(2.5, 6.0, n), U(0.75, 1.35, n), edge)
+        return ellipsoid(g, c, u, U(2.0, 5.5, n), U(0.75, 1.35, n), edge)
     if kind == "large_nodule":  # wider than the 16 crop: inside it, it is all tissue
         return ellipsoid(g, c, u, U(14.0, 19.0, n), U(0.9, 1.15, n), edge)
     if kind == "vessel_nodule":
-        r = U(3.5, 7.0, n)
-        axis = c + w * (r * U(0.3, 0.9, n))[:, None]
-        return np.maximum(ellipsoid(g, c, u, r, U(0.85, 1.2, n), edge), tube(g, axis, u, U(1.0, 2.2, n), edge))
+        r = U(3.0, 6.5, n)
+        axis = c + w * (r * U(0.3, 1.0, n))[:, None]
+        return np.maximum(
+            ellipsoid(g, c, u, r, U(0.85, 1.2, n), edge), tube(g, axis, u, U(1.0, 2.2, n), edge)
+        )
     if kind == "juxtapleural_nodule":
         r = U(5.0, 12.0, n)
         nodule = ellipsoid(g, c, u, r, U(0.85, 1.2, n), edge)
@@ -150,7 +182,7 @@ def _render_kind(kind: str, g: Grid, rng: np.random.Generator, c: np.ndarray, ed
             ellipsoid(g, lobe, u, radius * U(0.5, 0.8, n), np.ones(n, np.float32), edge),
         )
     if kind == "vessel_crossing":  # two tubes crossing give a bright blob at the centre
-        r1, r2 = U(1.5, 3.0, n), U(1.5, 3.0, n)
+        r1, r2 = U(1.5, 3.5, n), U(1.5, 3.5, n)
         u2 = _rotate(u, w, U(0.5, 1.57, n))
         axis2 = c + _perpendicular(rng, u2) * U(0.0, 1.0, n)[:, None]
         return np.maximum(tube(g, c, u, r1, edge), tube(g, axis2, u2, r2, edge))
@@ -158,13 +190,18 @@ def _render_kind(kind: str, g: Grid, rng: np.random.Generator, c: np.ndarray, ed
         r = U(1.5, 3.0, n)
         spread = U(0.35, 0.9, n)
         child = r * U(0.65, 0.9, n)
-        parts = [tube(g, c, -u, r, edge, ray=True), ellipsoid(g, c, u, r * 1.15, np.ones(n, np.float32), edge)]
+        parts = [
+            tube(g, c, -u, r, edge, ray=True),
+            ellipsoid(g, c, u, r * 1.15, np.ones(n, np.float32), edge),
+        ]
         for sign in (1.0, -1.0):
             parts.append(tube(g, c, _rotate(u, w, sign * spread), child, edge, ray=True))
         return np.maximum.reduce(parts)
     if kind == "vessel_bulge":  # a locally thicker, spindle-shaped stretch of one vessel
-        rb = U(3.0, 6.0, n)
-        return np.maximum(tube(g, c, u, U(1.2, 2.4, n), edge), ellipsoid(g, c, u, rb, U(1.6, 3.0, n), edge))
+        rb = U(2.8, 5.5, n)
+        return np.maximum(
+            tube(g, c, u, U(1.2, 2.6, n), edge), ellipsoid(g, c, u, rb, U(1.4, 2.6, n), edge)
+        )
     if kind == "background":
         return np.zeros((n,) + (g.size,) * dims, np.float32)
     raise ValueError(f"unknown candidate kind {kind!r}")
@@ -200,6 +237,7 @@ def _blur(x: np.ndarray, dims: int, sigma: float = _BLUR_SIGMA) -> np.ndarray:
     """
     radius = max(1, int(np.ceil(2.5 * sigma)))
     weights = np.exp(-0.5 * (np.arange(radius + 1) / sigma) ** 2).astype(np.float32)
+    scratch = np.empty_like(x)
     for axis in range(1, dims + 1):
         size = x.shape[axis]
         out = x * weights[0]
@@ -208,11 +246,14 @@ def _blur(x: np.ndarray, dims: int, sigma: float = _BLUR_SIGMA) -> np.ndarray:
             head = [slice(None)] * x.ndim
             tail = [slice(None)] * x.ndim
             head[axis], tail[axis] = slice(shift, None), slice(None, -shift)
-            out[tuple(head)] += weights[shift] * x[tuple(tail)]
-            out[tuple(tail)] += weights[shift] * x[tuple(head)]
+            head, tail = tuple(head), tuple(tail)
+            for dst, src in ((head, tail), (tail, head)):
+                tmp = np.multiply(x[src], weights[shift], out=scratch[dst])
+                out[dst] += tmp
             total[shift:] += weights[shift]
             total[:-shift] += weights[shift]
-        x = out / total.reshape((size,) + (1,) * (x.ndim - axis - 1))
+        out /= total.reshape((size,) + (1,) * (x.ndim - axis - 1))
+        x = out
     return x
 
 
@@ -259,9 +300,18 @@ def render(
             c, m = centres[idx], len(idx)
             edge = rng.uniform(0.8, 2.0, m).astype(np.float32)
             occ = np.maximum(_render_kind(kind, g, rng, c, edge), _clutter(g, rng, c, edge))
-            lo, hi = _col(background[idx], dims), _col(tissue[idx], dims)
-            tex = _upsample(rng.standard_normal((m,) + (coarse,) * dims, dtype=np.float32), size, dims)
-            img = _blur(lo + (hi - lo) * occ + _col(texture[idx], dims) * tex, dims)
-            img += _col(noise[idx], dims) * rng.standard_normal(img.shape, dtype=np.float32)
-            patches[idx, 0] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+            lo = _col(background[idx], dims)
+            img = occ * (_col(tissue[idx], dims) - lo)
+            img += lo
+            tex = _upsample(
+                rng.standard_normal((m,) + (coarse,) * dims, dtype=np.float32), size, dims
+            )
+            tex *= _col(texture[idx], dims)
+            img += tex
+            img = _blur(img, dims)
+            noise_field = rng.standard_normal(img.shape, dtype=np.float32)
+            noise_field *= _col(noise[idx], dims)
+            img += noise_field
+            img += 0.5  # round half up by truncation below; clip first so no value wraps
+            patches[idx, 0] = np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
     return patches, centres

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from torch.utils.data import get_worker_info
+
 log = logging.getLogger("pipeline.data")
 
 
@@ -19,4 +21,9 @@ class ProblemLog:
 
     def record(self, where: str, reason: str) -> None:
         self.count += 1
-        log.warning("skipped bad record (%d so far) in %s: %s", self.count, where, reason)
+        # The rank is in every log line's prefix; the worker says which reader saw it.
+        info = get_worker_info()
+        reader = f"loader worker {info.id}" if info is not None else "main process"
+        log.warning(
+            "skipped bad record (%d so far, %s) in %s: %s", self.count, reader, where, reason
+        )

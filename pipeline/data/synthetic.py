@@ -20,10 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import SyntheticConfig
-from pipeline.data.format import ShardInfo, update_manifest, write_shard
+from pipeline.data.format import MANIFEST_NAME, ShardInfo, update_manifest, write_shard
 from pipeline.data.phantoms import KINDS, NEGATIVE_KINDS, POSITIVE_KINDS, render
 from pipeline.errors import ConfigError
 
+# Bump when the rendering changes, so caches keyed on it are regenerated, not reused.
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val")
 SCAN_SIZE = 16  # candidates per synthetic scan, so per-scan metrics (CPM) have groups
 
@@ -42,10 +44,10 @@ def _draw_kinds(rng: np.random.Generator, n: int, positives: int) -> tuple[np.nd
 def _scan_intensities(rng: np.random.Generator, scans: int) -> dict[str, np.ndarray]:
     """One tissue/lung intensity, texture and noise level per scan, shared by its structures."""
     return {
-        "tissue": rng.uniform(110.0, 230.0, scans),
+        "tissue": rng.uniform(100.0, 220.0, scans),
         "background": rng.uniform(15.0, 60.0, scans),
-        "texture": rng.uniform(8.0, 24.0, scans),
-        "noise": rng.uniform(3.0, 10.0, scans),
+        "texture": rng.uniform(8.0, 28.0, scans),
+        "noise": rng.uniform(4.0, 16.0, scans),
     }
 
 
@@ -89,19 +91,33 @@ def _write_one(job: _ShardJob) -> ShardInfo:
         labels,
         ids=[f"{prefix}/{i:05d}" for i in range(job.samples)],
         groups=[f"scan-{job.split}-{job.shard_index:03d}-{s:04d}" for s in scan_of],
-        coords=np.round(centres, 2).tolist(),
+        coords=np.round(centres.astype(np.float64), 2).tolist(),  # short JSON numbers
         block_size=job.block_size,
     )
 
 
-def _shard_jobs(out_dir: Path, split: str, split_index: int, n: int, shards: int, positive_fraction: float, **common: int) -> list[_ShardJob]:
+def _shard_jobs(
+    out_dir: Path,
+    split: str,
+    split_index: int,
+    n: int,
+    shards: int,
+    positive_fraction: float,
+    **common: int,
+) -> list[_ShardJob]:
     sizes = [len(part) for part in np.array_split(np.arange(n), min(shards, n))]
     # At least one of each class when possible, so validation AUROC is defined.
-    total = min(max(int(round(n * positive_fraction)), 1), n - 1) if n > 1 else int(round(n * positive_fraction))
+    total = (
+        min(max(int(round(n * positive_fraction)), 1), n - 1)
+        if n > 1
+        else int(round(n * positive_fraction))
+    )
     cumulative = np.rint(np.cumsum(sizes) * total / n).astype(int)
     positives = np.diff(np.concatenate([[0], cumulative]))
     return [
-        _ShardJob(str(out_dir / f"{split}-{i:06d}.tar"), split, split_index, i, size, int(pos), **common)
+        _ShardJob(
+            str(out_dir / f"{split}-{i:06d}.tar"), split, split_index, i, size, int(pos), **common
+        )
         for i, (size, pos) in enumerate(zip(sizes, positives, strict=True))
     ]
 
@@ -132,23 +148,38 @@ def make_synthetic(
     _check("dims", dims in (2, 3), f"must be 2 or 3, got {dims}")
     _check("train", n_train > 0, f"must be > 0, got {n_train}")
     _check("val", n_val > 0, f"must be > 0, got {n_val}")
-    _check("positive_fraction", 0.0 < positive_fraction < 1.0, f"must be in (0, 1), got {positive_fraction}")
+    _check(
+        "positive_fraction",
+        0.0 < positive_fraction < 1.0,
+        f"must be in (0, 1), got {positive_fraction}",
+    )
     _check("block_size", block_size > 0, f"must be > 0, got {block_size}")
     _check("shards", train_shards > 0 and val_shards > 0, "must be > 0")
-    _check("size", size >= 4, f"must be >= 4, got {size}")
+    _check("size", size >= 8, f"must be >= 8, got {size}")
+    _check("workers", workers is None or workers > 0, f"must be > 0, got {workers}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # No manifest until every shard is written: an interrupted run is seen as missing.
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     common = {"dims": dims, "size": size, "seed": seed, "block_size": block_size}
     jobs = {
         split: _shard_jobs(out_dir, split, index, n, shards, positive_fraction, **common)
-        for index, (split, n, shards) in enumerate(zip(SPLITS, (n_train, n_val), (train_shards, val_shards), strict=True))
+        for index, (split, n, shards) in enumerate(
+            zip(SPLITS, (n_train, n_val), (train_shards, val_shards), strict=True)
+        )
     }
     all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
     # Largest first, so one big shard does not start last and leave the other cores idle.
     all_jobs.sort(key=lambda job: -job.samples)
     workers = max(1, min(workers or os.cpu_count() or 1, len(all_jobs)))
     infos: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
-    bar = tqdm(total=n_train + n_val, unit="sample", desc="make-synthetic", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=n_train + n_val,
+        unit="sample",
+        desc="make-synthetic",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with bar:
         if workers == 1:
             for job in all_jobs:
@@ -164,10 +195,11 @@ def make_synthetic(
                     infos[futures[future].split].append(future.result())
                     bar.update(futures[future].samples)
     _remove_stale(out_dir, {Path(job.path).name for job in all_jobs})
-    manifest = out_dir
     for split in SPLITS:
-        manifest = update_manifest(out_dir, split, infos[split], patch_shape=(1,) + (size,) * dims, dtype="uint8")
-    return manifest
+        update_manifest(
+            out_dir, split, infos[split], patch_shape=(1,) + (size,) * dims, dtype="uint8"
+        )
+    return out_dir / MANIFEST_NAME
 
 
 def _remove_stale(out_dir: Path, written: set[str]) -> None:
@@ -194,7 +226,9 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         size=args.size,
     )
-    print(f"wrote {args.train} train + {args.val} val candidates in {time.perf_counter() - start:.1f}s: {manifest}")
+    print(
+        f"wrote {args.train} train + {args.val} val candidates in {time.perf_counter() - start:.1f}s: {manifest}"
+    )
     return 0
 
 
@@ -216,8 +250,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val", type=int, default=defaults.val, help="validation candidates")
     parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="samples per record")
-    parser.add_argument("--shards", type=int, default=defaults.shards, help="training shards (val: a quarter, >= 2)")
+    parser.add_argument(
+        "--block-size", type=int, default=defaults.block_size, help="samples per record"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=defaults.shards, help="training shards (val: a quarter, >= 2)"
+    )
     parser.add_argument("--size", type=int, default=48, help="stored patch size (largest crop)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

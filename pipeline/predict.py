@@ -1,0 +1,174 @@
+"""`pipeline predict`: a checkpoint's logits, probabilities and decisions for every sample.
+
+Under torchrun each rank predicts its share of the shards (shards[rank::world], as
+validation does), rank 0 gathers the rows and writes one file. The transform is
+validation's: the checkpoint's normalisation, no augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.errors import ConfigError
+from pipeline.metrics import resolve_threshold
+
+log = logging.getLogger("pipeline")
+
+COLUMNS = ("id", "group", "logit", "probability", "predicted", "label")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="score shards with a checkpoint; writes one row per sample (CSV or Parquet)",
+        description="Score every sample of the shards with a trained checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="path to a .pt checkpoint")
+    parser.add_argument(
+        "--shards", required=True, help="shard pattern, e.g. 'shards/test-{000..009}.tar'"
+    )
+    parser.add_argument("--out", default="preds.csv", help="output file: .csv or .parquet")
+    parser.add_argument(
+        "--threshold",
+        help="probability (e.g. 0.3) or operating point of the checkpoint "
+        "(youden|f1|sens90|sens95|fpr01); default: config predict.threshold",
+    )
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.batch_size=256")
+    parser.set_defaults(func=run_predict)
+
+
+def threshold_of(spec: str | float, points: Mapping[str, float] | None, checkpoint: str) -> float:
+    """A probability threshold from a number or a name the checkpoint stores.
+
+    The error for an unknown name lists what this checkpoint does have, with values.
+    """
+    try:
+        float(spec)
+    except (TypeError, ValueError):
+        name = str(spec).strip()
+        usable = {k: v for k, v in (points or {}).items() if not math.isnan(float(v))}
+        if name not in usable:
+            have = (
+                ", ".join(f"{k}={v:.4g}" for k, v in usable.items()) or "none (no validation ran)"
+            )
+            raise ConfigError(
+                f"threshold {name!r}: checkpoint {checkpoint} has no such operating point; "
+                f"available: {have}; or give a probability such as 0.5"
+            ) from None
+    return resolve_threshold(spec, points)
+
+
+def output_format(out: str) -> str:
+    """csv | parquet from the file name; parquet needs pyarrow (checked before any work)."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"--out {out}: writing Parquet needs pyarrow (pip install pyarrow), or write .csv"
+            ) from None
+        return "parquet"
+    raise ConfigError(f"--out {out}: must end in .csv or .parquet")
+
+
+def rows_of(preds, threshold: float) -> dict[str, list]:
+    """Column name -> values, one entry per sample (group is '' when shards carry none)."""
+    probs = preds.probs
+    groups = preds.groups if preds.groups is not None else [""] * len(preds.ids)
+    return {
+        "id": list(preds.ids),
+        "group": list(groups),
+        "logit": preds.logits.astype(np.float64).tolist(),
+        "probability": probs.astype(np.float64).tolist(),
+        # The metrics' convention: positive when p >= threshold.
+        "predicted": (probs >= threshold).astype(int).tolist(),
+        "label": preds.labels.astype(int).tolist(),
+    }
+
+
+def write_rows(columns: dict[str, list], out: Path, fmt: str) -> None:
+    """Write atomically: a reader never sees a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table(columns), tmp)
+        else:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(COLUMNS)
+                # repr() of a float round-trips exactly, so logits survive the text file.
+                writer.writerows(zip(*(columns[c] for c in COLUMNS), strict=True))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from pipeline.data.format import expand_shards
+    from pipeline.data.loader import StreamSpec
+    from pipeline.evaluate import Predictions, predict_local
+    from pipeline.inference import eval_transform, load_trained
+    from pipeline.runtime import autocast, resolve_precision, setup_logging
+
+    env = distributed.detect_env()
+    setup_logging(env.rank)
+    # Every user error surfaces here, on every rank, before a process group exists.
+    fmt = output_format(args.out)
+    shards = expand_shards(args.shards, "--shards")
+    cfg, model, state = load_trained(args.checkpoint, args.overrides)
+    spec_value = args.threshold if args.threshold is not None else cfg.predict.threshold
+    threshold = threshold_of(spec_value, state.get("thresholds"), args.checkpoint)
+
+    device = distributed.select_device(cfg.train.device, env.local_rank)
+    distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
+    try:
+        model.to(device)
+        spec = StreamSpec(
+            shards,
+            cfg.train.batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            on_error=cfg.data.on_error,
+        )
+        precision = resolve_precision(cfg.train.precision, device)
+        with torch.no_grad():
+            local = predict_local(
+                model,
+                spec,
+                eval_transform(cfg),
+                device,
+                autocast(precision, device),
+                cfg.data.num_workers,
+            )
+        preds = Predictions.concat(distributed.gather_objects(local))
+        if distributed.is_main():
+            columns = rows_of(preds, threshold)
+            write_rows(columns, Path(args.out), fmt)
+            if preds.bad_records:
+                log.warning("skipped %d unreadable records (data.on_error=skip)", preds.bad_records)
+            print(
+                f"wrote {len(preds.ids)} predictions from {len(shards)} shards to {args.out} "
+                f"(threshold {spec_value} = {threshold:.6g}; "
+                f"{sum(columns['predicted'])} predicted positive)",
+                flush=True,
+            )
+    finally:
+        distributed.shutdown()
+    return 0

@@ -1,0 +1,396 @@
+"""Training throughput: samples/s and data-wait per precision and switch, real loader vs memory.
+
+Each variant is the training step built from the project's own pieces (`build_model`,
+`DeviceTransform`, `build_optimizer`/`build_scheduler`, `TrainStream` + `build_loader`,
+`autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping exactly as
+`Trainer.fit` does. Variants take turns in rounds of `--window` steps (default, compute,
+other precision, ..., default, ...), so a load swing on a shared machine hits them alike;
+rates are medians over rounds. `compute_only` repeats one real batch from memory: the
+upper bound the loader is measured against. `data_wait_fraction` is time blocked in
+`next(batches)` over step time. Before each measured window a variant with a real loader
+runs burn-in steps that drain what its workers prefetched while others ran. torch.compile
+runs in a child process (time-boxed), eager and compiled taking turns the same way.
+Under `torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). The last
+printed line is one JSON object with `loader_vs_compute` (default 2D config, precision
+auto: bf16 on CUDA, fp32 on CPU) and `data_wait_fraction`.
+
+    python scripts/bench_train.py                    # 2D and 3D on this machine
+    python scripts/bench_train.py --dims 2 --quick   # seconds: smoke test
+    torchrun --standalone --nproc_per_node=1 scripts/bench_train.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_loader import machine_info  # noqa: E402
+
+from pipeline import config, distributed  # noqa: E402
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader  # noqa: E402
+from pipeline.data.transforms import DeviceTransform  # noqa: E402
+from pipeline.model import as_logits, build_model  # noqa: E402
+from pipeline.optim import build_optimizer, build_scheduler  # noqa: E402
+from pipeline.runtime import autocast, resolve_precision  # noqa: E402
+
+TARGET_CPU = 0.9
+DATA = {2: {"train": 16384, "val": 64, "shards": 16}, 3: {"train": 2048, "val": 64, "shards": 16}}
+CONFIGS = {2: ROOT / "configs" / "default.yaml", 3: ROOT / "configs" / "volume3d.yaml"}
+
+
+class Variant:
+    """One training setup: model, optimizer, scaler, transform and its own batch source."""
+
+    def __init__(self, name: str, cfg: Any, device: torch.device, shards: list[str], **how: Any):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.in_memory = how.get("in_memory", False)
+        self.precision = resolve_precision(how.get("precision", cfg.train.precision), device)
+        channels_last = how.get("channels_last", cfg.model.channels_last)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights in every variant
+        model = build_model(
+            dims=cfg.data.dims,
+            in_channels=cfg.data.channels,
+            scales=cfg.data.scales,
+            width=cfg.model.width,
+            depth=cfg.model.depth,
+            features=cfg.model.features,
+            hidden=cfg.model.hidden,
+        )
+        fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
+        model = model.to(device, memory_format=fmt if channels_last else torch.preserve_format)
+        self.model = distributed.wrap_ddp(model, device, False)
+        if how.get("compile"):
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, 10**6)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0, device=device))
+        data = cfg.data
+        self.transform = DeviceTransform(
+            data.scales, data.window, data.mean, data.std, data.augment, channels_last
+        )
+        self.generator = torch.Generator(device).manual_seed(cfg.train.seed)
+        env = distributed.env()
+        spec = StreamSpec(
+            shards,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            env.rank,
+            env.world_size,
+            data.num_workers,
+            data.shuffle_blocks,
+        )
+        pin = device.type == "cuda"
+        self.loader = iter(
+            build_loader(TrainStream(spec), data.num_workers, pin, data.prefetch_factor)
+        )
+        if self.in_memory:
+            # The loader stays alive (its workers idle once prefetched): both kinds of
+            # variant run the same processes and differ only in where batches come from.
+            self.batches = itertools.repeat(next(self.loader))
+        else:
+            self.batches = self.loader
+        self.rates: list[float] = []
+        self.waits: list[float] = []
+        self.first_steps_s = 0.0
+
+    def step(self) -> float:
+        """One optimizer step, as in Trainer.fit; returns seconds blocked on the loader."""
+        waited = time.perf_counter()
+        batch = next(self.batches)
+        wait = time.perf_counter() - waited
+        patch = batch["patch"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True).float()
+        crops = self.transform(patch, train=True, generator=self.generator)
+        with autocast(self.precision, self.device):
+            logits = as_logits(self.model(*crops))
+        loss = self.criterion(logits.float(), label)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        bool(torch.isfinite(grad_norm))  # the loop's one host sync per step
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return wait
+
+    def window(self, steps: int, burn_in: int) -> None:
+        for _ in range(0 if self.in_memory else burn_in):
+            self.step()
+        sync(self.device)
+        started, waited = time.perf_counter(), 0.0
+        for _ in range(steps):
+            waited += self.step()
+        sync(self.device)
+        elapsed = time.perf_counter() - started
+        self.rates.append(
+            steps * self.cfg.train.batch_size * distributed.env().world_size / elapsed
+        )
+        self.waits.append(waited / elapsed)
+
+    def result(self) -> dict[str, Any]:
+        out = {
+            "samples_per_s": statistics.median(self.rates),
+            "data_wait_fraction": statistics.median(self.waits),
+            "rounds_samples_per_s": [round(r, 1) for r in self.rates],
+            "first_steps_s": round(self.first_steps_s, 2),
+            "precision": self.precision,
+        }
+        return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(variants: list[Variant], args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm each variant up (timed: start-up, compilation), then run them in turns."""
+    notes: dict[str, Any] = {}
+    live = []
+    for variant in variants:
+        started = time.perf_counter()
+        for _ in range(2):
+            variant.step()
+        sync(device)
+        variant.first_steps_s = time.perf_counter() - started
+        if variant.first_steps_s / 2 > args.max_step_s:
+            notes[variant.name] = {
+                "skipped": f"{variant.first_steps_s / 2:.1f} s per warm-up step > --max-step-s",
+                "precision": variant.precision,
+            }
+        else:
+            live.append(variant)
+    for _ in range(args.rounds):
+        for variant in live:
+            burn_in = args.burn_in
+            if burn_in < 0:  # drain what the workers prefetched while the others ran
+                workers = max(variant.cfg.data.num_workers, 1)
+                burn_in = variant.cfg.data.prefetch_factor * workers if device.type == "cuda" else 1
+            variant.window(args.window, burn_in)
+    results = {v.name: v.result() for v in live}
+    results.update(notes)
+    return results
+
+
+def load_cfg(dims: int, data: Path, device: str, extra: list[str]) -> Any:
+    return config.load(
+        CONFIGS[dims],
+        [
+            f"data.train={data}/train-*.tar",
+            f"data.val={data}/val-*.tar",
+            f"train.device={device}",
+            "wandb.mode=disabled",
+            *extra,
+        ],
+    )
+
+
+def variant_plan(device: torch.device, quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    best = "bf16" if device.type == "cuda" else "fp32"
+    other = "fp32" if best == "bf16" else "bf16"
+    plan = [("default", {}), ("compute_only", {"in_memory": True})]
+    if quick:
+        return plan
+    plan += [(other, {"precision": other})]
+    if device.type == "cuda":
+        plan += [("fp16", {"precision": "fp16"})]
+    plan += [(f"{best}_channels_last_off", {"precision": best, "channels_last": False})]
+    return plan
+
+
+def run_compile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child process: eager vs torch.compile (best precision) taking turns."""
+    args = argparse.Namespace(**spec["args"])
+    device = torch.device(spec["device"])
+    cfg = load_cfg(spec["dims"], Path(spec["data"]), spec["device"], spec["extra"])
+    shards = sorted(str(p) for p in Path(spec["data"]).glob("train-*.tar"))
+    best = resolve_precision("auto", device)
+    variants = [
+        Variant(f"{best}_eager", cfg, device, shards, precision=best),
+        Variant(f"{best}_compile", cfg, device, shards, precision=best, compile=True),
+    ]
+    if device.type == "cuda":
+        variants.append(
+            Variant(
+                f"{best}_compile_compute_only",
+                cfg,
+                device,
+                shards,
+                precision=best,
+                compile=True,
+                in_memory=True,
+            )
+        )
+    args.max_step_s = math.inf  # compilation happens in the warm-up steps
+    results = interleave(variants, args, device)
+    results[f"{best}_compile"]["compile_s"] = results[f"{best}_compile"]["first_steps_s"]
+    return results
+
+
+def compile_isolated(spec: dict[str, Any], timeout: float, ddp: bool) -> dict[str, Any]:
+    launcher = [sys.executable]
+    if ddp:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    command = [*launcher, str(Path(__file__).resolve()), "--compile-spec", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"compile": {"skipped": f"did not finish within {timeout:.0f} s (time-boxed)"}}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"compile": {"skipped": f"failed (exit {done.returncode}): {tail[:300]}"}}
+    return json.loads(lines[-1])
+
+
+def make_data(root: Path, dims: int, quick: bool) -> Path:
+    from pipeline.data.synthetic import make_synthetic
+
+    size = {"train": 512, "val": 64, "shards": 2} if quick else DATA[dims]
+    out = root / f"data{dims}d"
+    make_synthetic(
+        out,
+        dims=dims,
+        n_train=size["train"],
+        n_val=size["val"],
+        positive_fraction=0.25,
+        seed=0,
+        block_size=256 if dims == 2 else 64,
+        train_shards=size["shards"],
+        val_shards=2,
+        progress=False,
+    )
+    return out
+
+
+def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    data = make_data(root, dims, args.quick)
+    extra = list(args.override)
+    if args.quick:
+        extra += ["model.width=4", "model.depth=2", "model.features=16", "model.hidden=16"]
+        extra += ["train.batch_size=32", "data.num_workers=0", "data.shuffle_blocks=2"]
+    cfg = load_cfg(dims, data, device.type, extra)
+    shards = sorted(str(p) for p in data.glob("train-*.tar"))
+    variants = [
+        Variant(name, cfg, device, shards, **how) for name, how in variant_plan(device, args.quick)
+    ]
+    results = interleave(variants, args, device)
+    del variants  # stop their loader workers before the compile child starts
+    if not args.quick and not args.no_compile:
+        spec = {
+            "dims": dims,
+            "data": str(data),
+            "device": device.type,
+            "extra": extra,
+            "args": {k: v for k, v in vars(args).items() if k != "compile_spec"},
+        }
+        results.update(compile_isolated(spec, args.compile_timeout, args.ddp))
+    for name, result in results.items():
+        line = result.get("skipped") or (
+            f"{result['samples_per_s']:10,.1f} samples/s  data wait {result['data_wait_fraction']:.3f}"
+            f"  warm-up {result['first_steps_s']:.1f} s  ({result['precision']})"
+        )
+        print(f"{dims}D {name:28s} {line}", file=sys.stderr, flush=True)
+    out: dict[str, Any] = {
+        "variants": results,
+        "config": {
+            "file": CONFIGS[dims].name,
+            "batch": cfg.train.batch_size,
+            "num_workers": cfg.data.num_workers,
+            "prefetch_factor": cfg.data.prefetch_factor,
+            "channels_last": cfg.model.channels_last,
+            "width": cfg.model.width,
+            "depth": cfg.model.depth,
+        },
+    }
+    real, compute = results["default"], results["compute_only"]
+    if "samples_per_s" in real and "samples_per_s" in compute:
+        out["loader_vs_compute"] = real["samples_per_s"] / compute["samples_per_s"]
+        out["data_wait_fraction"] = real["data_wait_fraction"]
+    rate = {k: v.get("samples_per_s") for k, v in results.items()}
+    best = resolve_precision("auto", device)
+    rate[best] = rate["default"]
+    if rate.get("bf16") and rate.get("fp32"):
+        out["bf16_vs_fp32"] = rate["bf16"] / rate["fp32"]
+    if rate.get(f"{best}_channels_last_off"):
+        out["channels_last_speedup"] = rate[best] / rate[f"{best}_channels_last_off"]
+    if rate.get(f"{best}_compile") and rate.get(f"{best}_eager"):
+        out["compile_speedup"] = rate[f"{best}_compile"] / rate[f"{best}_eager"]
+    if device.type == "cuda":
+        out["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    out["host_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", choices=("2", "3", "both"), default="both")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--window", type=int, default=3, help="measured steps per turn")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per variant")
+    parser.add_argument("--burn-in", type=int, default=-1, help="steps before each turn (-1: auto)")
+    parser.add_argument("--max-step-s", type=float, default=60, help="drop slower variants")
+    parser.add_argument("--compile-timeout", type=float, default=600, help="seconds, compile child")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--ddp", action="store_true", help="compile child under torchrun too")
+    parser.add_argument("--quick", action="store_true", help="tiny model and data (smoke test)")
+    parser.add_argument("--override", action="append", default=[], help="config key=value")
+    parser.add_argument("--compile-spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    env = distributed.detect_env()
+    requested = args.device if not args.compile_spec else json.loads(args.compile_spec)["device"]
+    device = distributed.select_device(requested, env.local_rank)
+    distributed.init("auto", 300.0, device, env)
+    try:
+        if args.compile_spec:  # child process: one JSON line
+            print(json.dumps(run_compile(json.loads(args.compile_spec))))
+            return 0
+        if args.quick:
+            args.window, args.rounds = 1, 2
+        dims_list = [2, 3] if args.dims == "both" else [int(args.dims)]
+        with tempfile.TemporaryDirectory() as tmp:
+            per_dims = {f"{d}d": bench_dims(d, Path(tmp), args, device) for d in dims_list}
+    finally:
+        distributed.shutdown()
+    head = per_dims[f"{dims_list[0]}d"]
+    result = {
+        "benchmark": "train",
+        "headline": f"{dims_list[0]}D {CONFIGS[dims_list[0]].name}, real loader vs compute-only, "
+        f"precision auto on {device.type}, medians of {args.rounds} interleaved rounds",
+        "loader_vs_compute": head.get("loader_vs_compute"),
+        "data_wait_fraction": head.get("data_wait_fraction"),
+        "target_loader_vs_compute": TARGET_CPU,
+        "per_dims": per_dims,
+        "device": device.type,
+        "world_size": env.world_size,
+        "threads": torch.get_num_threads(),
+        "machine": machine_info(),
+        "args": {k: v for k, v in vars(args).items() if k != "compile_spec"},
+    }
+    if result["loader_vs_compute"] is not None:
+        result["meets_target"] = result["loader_vs_compute"] >= TARGET_CPU
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

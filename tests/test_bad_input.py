@@ -1,0 +1,104 @@
+"""Bad input at the edges: each case exits 2 with exactly one stderr line naming the problem.
+
+One table, run through the real CLI in subprocesses. The cases run two at a time in a
+module fixture (each process pays the torch import), and each row asserts on its own.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import TINY, cli_env, run_cli
+from tests.faults import small_shards
+
+
+def _train(*extra: str) -> list[str]:
+    """`pipeline train` on the tiny config and good shards, plus `extra`."""
+    return ["train", "--config", str(TINY), "data.train={data}/train-*.tar",
+            "data.val={data}/val-*.tar", *extra]  # fmt: skip
+
+
+# id -> (CLI arguments, words the one line must contain[, environment]); {tmp} and {data}
+# are filled in.
+CASES: dict[str, tuple] = {
+    "unknown option": (["train", "--bogus"], ["unrecognized arguments: --bogus"]),
+    "unknown command": (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+    "override without '='": (["train", "optim.lr"], ["override 'optim.lr'", "key=value"]),
+    "config file missing": (
+        ["train", "--config", "{tmp}/nope.yaml"],
+        ["config file not found: {tmp}/nope.yaml"],
+    ),
+    "yaml syntax error": (["train", "--config", "{tmp}/broken.yaml"], ["{tmp}/broken.yaml"]),
+    "wrong type": (["train", "train.max_steps=many"], ["train.max_steps", "many"]),
+    "unknown key": (["train", "train.max_stepz=5"], ["unknown key", "train.max_stepz"]),
+    "value out of range": (["train", "train.batch_size=0"], ["train.batch_size", "> 0"]),
+    "bad wandb.mode": (
+        ["train", "wandb.mode=sometimes"],
+        ["wandb.mode", "online|offline|disabled"],
+    ),
+    "bad WANDB_MODE": (
+        _train("run.dir={tmp}/run-wandb"),
+        ["WANDB_MODE", "bogus"],
+        {"WANDB_MODE": "bogus"},
+    ),
+    "missing shard pattern": (
+        ["train", "data.train={tmp}/none-*.tar", "data.val={tmp}/none-*.tar"],
+        ["data.train", "{tmp}/none-*.tar", "matches no shard files"],
+    ),
+    "unwritable run dir": (
+        # Tests run as root, which chmod does not stop; a path under a regular file fails.
+        _train("run.dir={tmp}/a-file/run"),
+        ["run.dir", "{tmp}/a-file/run"],
+    ),
+    "model target that does not import": (
+        _train("run.dir={tmp}/run-target", "model.target=no_such_module:Net"),
+        ["model.target", "no_such_module"],
+    ),
+    "resume from a missing checkpoint": (
+        _train("run.dir={tmp}/run-resume", "checkpoint.resume={tmp}/gone.pt"),
+        ["checkpoint not found: {tmp}/gone.pt"],
+    ),
+    "evaluate a missing checkpoint": (
+        ["evaluate", "--checkpoint", "{tmp}/gone.pt"],
+        ["checkpoint not found: {tmp}/gone.pt"],
+    ),
+    "evaluate a file that is not a checkpoint": (
+        ["evaluate", "--checkpoint", "{tmp}/not-a-checkpoint.pt"],
+        ["{tmp}/not-a-checkpoint.pt", "corrupt or not ours"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("bad_input")
+    data = small_shards(tmp / "data", n_train=64, n_val=32)
+    (tmp / "broken.yaml").write_text("train:\n  max_steps: [1, 2\n")
+    (tmp / "a-file").write_text("a regular file, not a directory\n")
+    (tmp / "not-a-checkpoint.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    env = cli_env(tmp)
+
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(tmp)).replace("{data}", str(data))
+
+    def run(case: str):
+        args, words, *extra = CASES[case]
+        result = run_cli([fill(a) for a in args], {**env, **(extra[0] if extra else {})}, 180)
+        return result, [fill(w) for w in words]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(run, CASES), strict=True))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_naming_the_problem(outcomes, case):
+    result, words = outcomes[case]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("pipeline"), lines[0]
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"

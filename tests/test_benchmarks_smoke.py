@@ -1,0 +1,50 @@
+"""The benchmark scripts run (`--quick`) and end with one JSON line holding the keys the
+README and scripts/gpu_check.sh read. Numbers are not checked: they belong to a machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, cli_env
+
+
+def _start(script: str, tmp_path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / script), "--quick", "--dims", "2", *args],
+        cwd=ROOT,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _last_json(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_both_benchmarks_print_json_with_the_required_keys(tmp_path):
+    # Both at once: each is mostly start-up and waiting, and the suite's time is precious.
+    loader = _start("bench_loader.py", tmp_path)
+    train = _start("bench_train.py", tmp_path)
+    result = _last_json(loader)
+    rates = result["samples_per_s"]
+    assert set(rates) == {"project", "per_sample", "raw_read"} and min(rates.values()) > 0
+    assert result["speedup_vs_per_sample"] == rates["project"] / rates["per_sample"]
+    assert result["fraction_of_raw_read"] == rates["project"] / rates["raw_read"]
+    memory = result["per_dims"]["2d"]["memory"]
+    assert [m["shuffle_blocks"] for m in memory] == [1, 4]
+    assert all(m["worker_peak_rss_mib"] > 0 for m in memory)
+    for key in ("cpu_count", "cpu_model", "torch", "date"):
+        assert result["machine"][key]
+
+    result = _last_json(train)
+    assert result["loader_vs_compute"] > 0 and 0 <= result["data_wait_fraction"] <= 1
+    variants = result["per_dims"]["2d"]["variants"]
+    assert variants["default"]["samples_per_s"] > 0
+    assert variants["compute_only"]["data_wait_fraction"] < 0.01  # memory never keeps it waiting
+    assert result["device"] == "cpu" and result["machine"]["torch"]

@@ -1,0 +1,174 @@
+"""The loader's fast paths change speed, never results: `tar_records` reads what tarfile
+reads, the shuffle arena gives the same stream as plain concatenation (also around bad
+records and odd block sizes), and DataLoader workers die with their trainer."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.data import arena as arena_module
+from pipeline.data.format import encode_block, write_shard
+from pipeline.data.loader import StreamSpec, worker_batches
+from pipeline.data.tar_records import tar_records
+from tests.conftest import ROOT
+
+
+def _with_tarfile(path) -> list[dict]:
+    records: list[dict] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            base, slash = member.name, member.name.rfind("/") + 1
+            dot = base.find(".", slash)
+            key, suffix = base[:dot], base[dot + 1 :]
+            data = tar.extractfile(member).read()
+            if records and records[-1]["__key__"] == key:
+                records[-1][suffix] = data
+            else:
+                records.append({"__key__": key, "__url__": str(path), suffix: data})
+    return records
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_records_read_what_tarfile_reads_in_every_tar_format(tmp_path, fmt):
+    names = ["a.patch.npy", "a.meta.json", "dir/b.label.npy", "x" * 120 + ".patch.npy"]
+    names += ["deep/" * 25 + "c.patch.npy", "ünï.meta.json"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = names[:3] + names[4:5]  # ustar has no long or non-ASCII names
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            data = os.urandom(700 * i + 1)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float mtime forces pax headers
+            tar.addfile(info, io.BytesIO(data))
+    ours = [
+        {k: v if isinstance(v, str) else bytes(v) for k, v in r.items()}
+        for r in tar_records(str(path))
+    ]
+    assert ours == _with_tarfile(path)
+
+
+def test_cut_or_foreign_files_raise_instead_of_ending_quietly(tmp_path):
+    good = tmp_path / "good.tar"
+    write_shard(
+        good,
+        np.zeros((64, 1, 8, 8), np.uint8),
+        np.zeros(64, np.uint8),
+        list("x" * 64),
+        block_size=16,
+    )
+    data = good.read_bytes()
+    assert len(list(tar_records(str(good)))) == 4
+    for cut in (0, 100, 700, len(data) // 2):
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(tarfile.ReadError):
+            list(tar_records(str(tmp_path / "cut.tar")))
+    (tmp_path / "junk.tar").write_bytes(os.urandom(3000))
+    with pytest.raises(tarfile.ReadError, match="invalid tar header"):
+        list(tar_records(str(tmp_path / "junk.tar")))
+
+
+def _odd_shards(tmp_path) -> list[str]:
+    """Blocks of 16 and of 100 in different shards, and a record that fails to decode."""
+    rng = np.random.default_rng(0)
+    write_shard(
+        tmp_path / "t-0.tar",
+        rng.integers(0, 255, (80, 1, 8, 8), dtype=np.uint8),
+        (rng.random(80) < 0.5).astype(np.uint8),
+        [str(i) for i in range(80)],
+        block_size=16,
+    )
+    write_shard(
+        tmp_path / "t-1.tar",
+        rng.integers(0, 255, (300, 1, 8, 8), dtype=np.uint8),
+        (rng.random(300) < 0.5).astype(np.uint8),
+        [str(i) for i in range(300)],
+        block_size=100,
+    )
+    with open(tmp_path / "t-2.tar", "wb") as stream, wds.TarWriter(stream) as sink:
+        for b in range(5):
+            record = encode_block(
+                f"k{b}",
+                rng.integers(0, 255, (20, 1, 8, 8), dtype=np.uint8),
+                np.zeros(20, np.uint8),
+                [str(i) for i in range(20)],
+            )
+            if b == 2:
+                record["patch.npy"] = record["patch.npy"][:-50]  # a cut patch: skipped
+            sink.write(record)
+    return [str(tmp_path / f"t-{i}.tar") for i in range(3)]
+
+
+def _stream(shards: list[str], blocks: int, skip: int) -> list[bytes]:
+    spec = StreamSpec(shards, 24, seed=1, shuffle_blocks=blocks)
+    batches = worker_batches(spec, 0, 1, skip)
+    return [next(batches)["patch"].numpy().tobytes() for _ in range(30)]
+
+
+def test_arena_gives_the_same_stream_as_concatenating(tmp_path, monkeypatch):
+    shards = _odd_shards(tmp_path)
+    fast = {(b, s): _stream(shards, b, s) for b in (1, 3, 8) for s in (0, 7)}
+    used = []
+    monkeypatch.setattr(arena_module.Arena, "_view", lambda self, p: used.append(1))
+    for (blocks, skip), batches in fast.items():
+        assert _stream(shards, blocks, skip) == batches, (blocks, skip)
+    assert used  # the slow path really ran
+
+
+def test_workers_exit_when_their_trainer_is_killed(tmp_path):
+    shard_dir = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_shard(
+            shard_dir / f"t-{i}.tar",
+            rng.integers(0, 255, (512, 1, 48, 48), dtype=np.uint8),
+            np.zeros(512, np.uint8),
+            [str(j) for j in range(512)],
+            block_size=256,
+        )
+    script = f"""
+import glob, os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+shards = sorted(glob.glob({str(shard_dir / "*.tar")!r}))
+batches = iter(build_loader(TrainStream(StreamSpec(shards, 256, num_workers=2)), 2, False, 4))
+next(batches)
+print(*[w.pid for w in batches._workers], flush=True)
+time.sleep(60)
+"""
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in trainer.stdout.readline().split()]
+    time.sleep(2)  # let the workers fill their queues: batches bigger than a pipe's buffer
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.time() + 15
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [pid for pid in workers if _alive(pid)]
+    assert not alive, f"orphaned loader workers {alive} outlived their trainer"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "zombie" not in status.read_text()
