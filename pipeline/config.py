@@ -230,7 +230,7 @@ class LossConfig:
 class TrainConfig:
     """The loop: how long, how big, how precise."""
 
-    max_steps: int = 500
+    max_steps: int = 300
     """Optimizer steps in total (resume continues to this number)."""
     batch_size: int = 128
     """Samples per process per micro-step; global batch = batch_size * world_size * grad_accum."""
@@ -242,7 +242,7 @@ class TrainConfig:
     """Seeds model init, data order and augmentation; each rank derives its own stream."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
-    eval_every: int = 100
+    eval_every: int = 50
     """Validate every N steps (and at the end); 0 = only at the end."""
     log_every: int = 10
     """Log step metrics every N steps."""

@@ -24,11 +24,13 @@ class Sources:
 
 
 def synthetic_dir(cfg: DataConfig) -> Path:
+    from pipeline.data.synthetic import GENERATOR_VERSION
+
     syn = cfg.synthetic
     if syn.dir:
         return Path(syn.dir).expanduser()
     name = (
-        f"synthetic-{cfg.dims}d-s{syn.seed}-n{syn.train}-{syn.val}"
+        f"synthetic-v{GENERATOR_VERSION}-{cfg.dims}d-s{syn.seed}-n{syn.train}-{syn.val}"
         f"-p{syn.positive_fraction:g}-k{syn.block_size}-x{syn.shards}"
     )
     return default_cache_dir() / name
