@@ -129,7 +129,9 @@ def test_predict_under_torchrun_gives_the_same_rows_as_one_process(trained):
     done = predict(trained, out, "predict.threshold=f1", nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # rank 0 alone writes
-    one = sorted(read_csv(trained["tmp"] / "by-name.csv"), key=lambda r: r["id"])
+    single = trained["tmp"] / "one-rank.csv"
+    assert predict(trained, single, "predict.threshold=f1").returncode == 0
+    one = sorted(read_csv(single), key=lambda r: r["id"])
     two = sorted(read_csv(out), key=lambda r: r["id"])
     assert [r["id"] for r in two] == [r["id"] for r in one]
     for key in ("group", "label", "predicted"):
