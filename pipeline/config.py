@@ -95,7 +95,7 @@ class DataConfig:
     prefetch_factor: int = 4
     """Batches each worker keeps ready."""
     shuffle_blocks: int = 16
-    """Shuffle buffer, in block records; host memory per worker ~ shuffle_blocks * K * sample bytes."""
+    """Shuffle buffer, in block records; host memory per worker ~ 2 * shuffle_blocks * K * sample bytes."""
     on_error: str = "skip"
     """Bad records: `skip` (counted and logged) or `fail`."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -9,7 +9,7 @@ measurement, then, as its last line, one JSON object: `samples_per_s` per reader
 `speedup_vs_per_sample` and `fraction_of_raw_read` (2D, one worker, K=256), every row,
 peak RSS per worker for several shuffle buffers, and the machine.
 
-    python scripts/bench_loader.py                 # 2D and 3D, about 3 min on 2 cores
+    python scripts/bench_loader.py                 # 2D and 3D, about 2 min on 2 cores
     python scripts/bench_loader.py --dims 2 --quick
 """
 

@@ -14,9 +14,9 @@ Under `torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). 
 printed line is one JSON object with `loader_vs_compute` (default 2D config, precision
 auto: bf16 on CUDA, fp32 on CPU) and `data_wait_fraction`.
 
-    python scripts/bench_train.py                    # 2D and 3D on this machine
+    python scripts/bench_train.py --dims 2           # ~3 min on 2 CPU cores (3D: ~30 min)
     python scripts/bench_train.py --dims 2 --quick   # seconds: smoke test
-    torchrun --standalone --nproc_per_node=1 scripts/bench_train.py --device cuda
+    torchrun --standalone --nproc_per_node=1 scripts/bench_train.py --device cuda --ddp
 """
 
 from __future__ import annotations
@@ -251,6 +251,7 @@ def compile_isolated(spec: dict[str, Any], timeout: float, ddp: bool) -> dict[st
     if ddp:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     command = [*launcher, str(Path(__file__).resolve()), "--compile-spec", json.dumps(spec)]
+    command += ["--ddp"] if ddp else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-step-s", type=float, default=60, help="drop slower variants")
     parser.add_argument("--compile-timeout", type=float, default=600, help="seconds, compile child")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--ddp", action="store_true", help="compile child under torchrun too")
+    parser.add_argument(
+        "--ddp", action="store_true", help="under torchrun: DDP-wrap models even for one process"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and data (smoke test)")
     parser.add_argument("--override", action="append", default=[], help="config key=value")
     parser.add_argument("--compile-spec", help=argparse.SUPPRESS)
@@ -360,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     requested = args.device if not args.compile_spec else json.loads(args.compile_spec)["device"]
     device = distributed.select_device(requested, env.local_rank)
     distributed.init("auto", 300.0, device, env)
+    if args.ddp and env.launcher == "torchrun" and not torch.distributed.is_initialized():
+        # distributed.init skips a group of one; the benchmark wants DDP and NCCL in the
+        # loop anyway (as on every rank of a real multi-GPU job).
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(
+            backend, device_id=device if device.type == "cuda" else None
+        )
+    ddp = torch.distributed.is_initialized()
     try:
         if args.compile_spec:  # child process: one JSON line
             print(json.dumps(run_compile(json.loads(args.compile_spec))))
@@ -382,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_dims": per_dims,
         "device": device.type,
         "world_size": env.world_size,
+        "ddp": ddp,
         "threads": torch.get_num_threads(),
         "machine": machine_info(),
         "args": {k: v for k, v in vars(args).items() if k != "compile_spec"},
