@@ -88,7 +88,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             (out_dir / f"histogram-{Path(args.checkpoint).stem}.json").write_text(
                 json.dumps(histogram)
             )
-            json.dump(metrics, sys.stdout, indent=2, default=float)
+            # Strict JSON: undefined metrics (one class only) are null, not NaN.
+            clean = {
+                k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()
+            }
+            json.dump(clean, sys.stdout, indent=2, default=float)
             print()
     finally:
         distributed.shutdown()

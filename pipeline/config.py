@@ -119,11 +119,6 @@ class DataConfig:
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         _require(self.shuffle_blocks >= 1, "data.shuffle_blocks", "must be >= 1")
         _choice(self.on_error, "data.on_error", ("skip", "fail"))
-        _require(
-            (self.train is None) == (self.val is None) or self.val is None,
-            "data.val",
-            "set data.train too (null data.train means the synthetic demo)",
-        )
 
     @property
     def patch_size(self) -> int:

@@ -147,7 +147,7 @@ def load_target(target: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         raise ModelContractError(f"model.target: '{module_name}' has no callable '{attr}'")
     try:
         model = factory(**(kwargs or {}))
-    except TypeError as exc:
+    except Exception as exc:  # the user's constructor: any failure is a contract problem
         raise ModelContractError(f"model.target: {target}(**model.kwargs) failed: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelContractError(

@@ -146,6 +146,7 @@ def run_predict(args: argparse.Namespace) -> int:
             rank=env.rank,
             world_size=env.world_size,
             on_error=cfg.data.on_error,
+            sample_shape=cfg.data.sample_shape,
         )
         precision = resolve_precision(cfg.train.precision, device)
         with torch.no_grad():
