@@ -40,15 +40,13 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     from pipeline.data.format import expand_shards
-    from pipeline.data.loader import StreamSpec
     from pipeline.data.sources import resolve
-    from pipeline.evaluate import metrics_of, predict_all
-    from pipeline.inference import eval_transform, load_trained
+    from pipeline.evaluate import metrics_of, predict_shards
+    from pipeline.inference import load_trained
     from pipeline.metrics import probability_histogram
-    from pipeline.runtime import autocast, resolve_precision, setup_logging
+    from pipeline.runtime import setup_logging
 
     env = distributed.detect_env()
     setup_logging(env.rank)
@@ -62,24 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             if cfg.data.val is None
             else expand_shards(cfg.data.val, "data.val")
         )
-        spec = StreamSpec(
-            val,
-            cfg.train.batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            on_error=cfg.data.on_error,
-            sample_shape=cfg.data.sample_shape,
-        )
-        precision = resolve_precision(cfg.train.precision, device)
-        with torch.no_grad():
-            preds = predict_all(
-                model,
-                spec,
-                eval_transform(cfg),
-                device,
-                autocast(precision, device),
-                cfg.data.num_workers,
-            )
+        preds = predict_shards(model, cfg, val, device)
         if distributed.is_main():
             metrics = metrics_of(preds)
             out_dir = Path(args.checkpoint).resolve().parent.parent / "eval"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,3 +91,34 @@ def predict_all(*args, **kwargs) -> Predictions:
 def metrics_of(preds: Predictions, threshold: float = 0.5) -> dict[str, float]:
     scan_ids = preds.groups if preds.groups is not None else None
     return binary_metrics(preds.labels, preds.probs, threshold=threshold, scan_ids=scan_ids)
+
+
+def predict_shards(
+    model: nn.Module, cfg: Any, shards: list[str], device: torch.device
+) -> Predictions:
+    """A trained model over `shards` with validation's transform, every rank's share gathered.
+
+    What `pipeline evaluate` and `pipeline predict` share; `cfg` is the checkpoint's Config.
+    """
+    from pipeline.inference import eval_transform
+    from pipeline.runtime import autocast, resolve_precision
+
+    env = distributed.env()
+    spec = StreamSpec(
+        shards,
+        cfg.train.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        on_error=cfg.data.on_error,
+        sample_shape=cfg.data.sample_shape,
+    )
+    precision = resolve_precision(cfg.train.precision, device)
+    with torch.no_grad():
+        return predict_all(
+            model,
+            spec,
+            eval_transform(cfg),
+            device,
+            autocast(precision, device),
+            cfg.data.num_workers,
+        )

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline import distributed
 from pipeline.errors import ConfigError
@@ -122,10 +121,9 @@ def write_rows(columns: dict[str, list], out: Path, fmt: str) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     from pipeline.data.format import expand_shards
-    from pipeline.data.loader import StreamSpec
-    from pipeline.evaluate import Predictions, predict_local
-    from pipeline.inference import eval_transform, load_trained
-    from pipeline.runtime import autocast, resolve_precision, setup_logging
+    from pipeline.evaluate import predict_shards
+    from pipeline.inference import load_trained
+    from pipeline.runtime import setup_logging
 
     env = distributed.detect_env()
     setup_logging(env.rank)
@@ -140,25 +138,7 @@ def run_predict(args: argparse.Namespace) -> int:
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         model.to(device)
-        spec = StreamSpec(
-            shards,
-            cfg.train.batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            on_error=cfg.data.on_error,
-            sample_shape=cfg.data.sample_shape,
-        )
-        precision = resolve_precision(cfg.train.precision, device)
-        with torch.no_grad():
-            local = predict_local(
-                model,
-                spec,
-                eval_transform(cfg),
-                device,
-                autocast(precision, device),
-                cfg.data.num_workers,
-            )
-        preds = Predictions.concat(distributed.gather_objects(local))
+        preds = predict_shards(model, cfg, shards, device)
         if distributed.is_main():
             columns = rows_of(preds, threshold)
             write_rows(columns, Path(args.out), fmt)
