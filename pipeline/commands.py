@@ -39,9 +39,14 @@ def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_evaluate)
 
 
+def eval_dir(checkpoint: Path) -> Path:
+    """RUN_DIR/eval for RUN_DIR/checkpoints/*.pt; beside the checkpoint for one moved elsewhere."""
+    folder = checkpoint.resolve().parent
+    return (folder.parent if folder.name == "checkpoints" else folder) / "eval"
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
 
-    from pipeline.data.format import expand_shards
     from pipeline.data.sources import resolve
     from pipeline.evaluate import metrics_of, predict_shards
     from pipeline.inference import load_trained
@@ -55,15 +60,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         cfg, model, _ = load_trained(args.checkpoint, args.overrides, device)
-        val = (
-            resolve(cfg.data).val
-            if cfg.data.val is None
-            else expand_shards(cfg.data.val, "data.val")
-        )
+        val = resolve(cfg.data).val
         preds = predict_shards(model, cfg, val, device)
         if distributed.is_main():
             metrics = metrics_of(preds)
-            out_dir = Path(args.checkpoint).resolve().parent.parent / "eval"
+            out_dir = eval_dir(Path(args.checkpoint))
             out_dir.mkdir(parents=True, exist_ok=True)
             histogram = probability_histogram(preds.labels, preds.probs)
             (out_dir / f"histogram-{Path(args.checkpoint).stem}.json").write_text(

@@ -98,6 +98,8 @@ class DataConfig:
     """Shuffle buffer, in block records; host memory per worker ~ 2 * shuffle_blocks * K * sample bytes."""
     on_error: str = "skip"
     """Bad records: `skip` (counted and logged) or `fail`."""
+    reader: str = "fast"
+    """Tar reader: `fast` (seek + one read per member) or `webdataset` (the library's, 2-2.5x slower)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,7 @@ class DataConfig:
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         _require(self.shuffle_blocks >= 1, "data.shuffle_blocks", "must be >= 1")
         _choice(self.on_error, "data.on_error", ("skip", "fail"))
+        _choice(self.reader, "data.reader", ("fast", "webdataset"))
 
     @property
     def patch_size(self) -> int:

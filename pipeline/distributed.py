@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger("pipeline")
 
 
@@ -177,6 +179,19 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 only (None elsewhere).
+
+    For big payloads such as validation predictions: an all-gather would hold every rank's
+    share on every rank, which at 64 ranks is 64 copies nobody else reads.
+    """
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0, group=_CONTROL)
+    return out
+
+
 def any_rank(*flags: bool) -> list[bool]:
     """Element-wise OR of host-side flags across ranks: one small CPU all-reduce."""
     if not dist.is_initialized():
@@ -211,6 +226,11 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_batchnorm: bool)
     if not dist.is_initialized():
         return model
     if sync_batchnorm:
+        if device.type == "cpu":
+            # torch's SyncBatchNorm refuses CPU tensors, but only at the first forward.
+            raise ConfigError(
+                "model.sync_batchnorm: SyncBatchNorm runs on GPUs only; set it false on CPU"
+            )
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -83,9 +83,10 @@ def predict_local(
     )
 
 
-def predict_all(*args, **kwargs) -> Predictions:
-    """Every rank's predictions, concatenated in rank order, on every rank."""
-    return Predictions.concat(distributed.gather_objects(predict_local(*args, **kwargs)))
+def predict_all(*args, **kwargs) -> Predictions | None:
+    """Every rank's predictions, concatenated in rank order, on rank 0 (None elsewhere)."""
+    parts = distributed.gather_to_main(predict_local(*args, **kwargs))
+    return None if parts is None else Predictions.concat(parts)
 
 
 def metrics_of(preds: Predictions, threshold: float = 0.5) -> dict[str, float]:
@@ -94,11 +95,17 @@ def metrics_of(preds: Predictions, threshold: float = 0.5) -> dict[str, float]:
 
 
 def predict_shards(
-    model: nn.Module, cfg: Any, shards: list[str], device: torch.device
-) -> Predictions:
+    model: nn.Module,
+    cfg: Any,
+    shards: list[str],
+    device: torch.device,
+    allow_unknown: bool = False,
+) -> Predictions | None:
     """A trained model over `shards` with validation's transform, every rank's share gathered.
 
     What `pipeline evaluate` and `pipeline predict` share; `cfg` is the checkpoint's Config.
+    `allow_unknown` (predict) admits unlabelled samples (label 255). Rank 0 gets the
+    predictions, other ranks None.
     """
     from pipeline.inference import eval_transform
     from pipeline.runtime import autocast, resolve_precision
@@ -111,6 +118,8 @@ def predict_shards(
         world_size=env.world_size,
         on_error=cfg.data.on_error,
         sample_shape=cfg.data.sample_shape,
+        reader=cfg.data.reader,
+        allow_unknown=allow_unknown,
     )
     precision = resolve_precision(cfg.train.precision, device)
     with torch.no_grad():

@@ -140,8 +140,11 @@ def load_target(target: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelContractError(f"model.target: cannot import '{module_name}' ({exc})") from None
+    except Exception as exc:  # ImportError, or whatever the user's module raises on import
+        problem = f"{type(exc).__name__}: {exc}"
+        raise ModelContractError(
+            f"model.target: cannot import '{module_name}' ({problem})"
+        ) from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelContractError(f"model.target: '{module_name}' has no callable '{attr}'")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import distributed
+from pipeline.data.format import UNKNOWN_LABEL
 from pipeline.errors import ConfigError
 from pipeline.metrics import resolve_threshold
 
@@ -94,7 +95,8 @@ def rows_of(preds, threshold: float) -> dict[str, list]:
         "probability": probs.astype(np.float64).tolist(),
         # The metrics' convention: positive when p >= threshold.
         "predicted": (probs >= threshold).astype(int).tolist(),
-        "label": preds.labels.astype(int).tolist(),
+        # Empty where the shard marks the label unknown (255): new candidates to score.
+        "label": [None if y == UNKNOWN_LABEL else int(y) for y in preds.labels.tolist()],
     }
 
 
@@ -138,7 +140,7 @@ def run_predict(args: argparse.Namespace) -> int:
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         model.to(device)
-        preds = predict_shards(model, cfg, shards, device)
+        preds = predict_shards(model, cfg, shards, device, allow_unknown=True)
         if distributed.is_main():
             columns = rows_of(preds, threshold)
             write_rows(columns, Path(args.out), fmt)
@@ -147,7 +149,8 @@ def run_predict(args: argparse.Namespace) -> int:
             print(
                 f"wrote {len(preds.ids)} predictions from {len(shards)} shards to {args.out} "
                 f"(threshold {spec_value} = {threshold:.6g}; "
-                f"{sum(columns['predicted'])} predicted positive)",
+                f"{sum(columns['predicted'])} predicted positive, "
+                f"{columns['label'].count(None)} unlabelled)",
                 flush=True,
             )
     finally:

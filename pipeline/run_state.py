@@ -75,6 +75,9 @@ class RunState:
         self.last_metrics: dict[str, float] = {}
         self.improved = False
         self.bad_records: dict[int, int] = {}
+        # Once any rank skipped a record, manifest counts overstate what the stream emits,
+        # so a resume must replay positions by real samples (see Trainer.batches).
+        self.data_problems = False
         self.step = 0
         resumed = self.checkpoints.resume_state(self.cfg.checkpoint.resume)
         if resumed is not None:
@@ -124,6 +127,7 @@ class RunState:
         self.step = int(state["step"])
         self.best = state.get("best", self.best)
         self.thresholds = state.get("thresholds", {})
+        self.data_problems = bool(state.get("loader", {}).get("data_problems", False))
         log.info("resumed from step %d (%s)", self.step, source)
 
     def build_tracker(self, resumed: bool) -> Tracker:
@@ -218,6 +222,7 @@ class RunState:
             world_size=self.env.world_size,
             on_error=cfg.data.on_error,
             sample_shape=cfg.data.sample_shape,
+            reader=cfg.data.reader,
         )
         model = distributed.unwrap(trainer.model)
         distributed.broadcast_buffers(model)
@@ -273,7 +278,11 @@ class RunState:
     def save_checkpoint(self) -> None:
         """All ranks call this: each contributes its RNG state, rank 0 writes."""
         trainer = self.trainer
-        rngs = distributed.gather_objects(rng_state(trainer.augment_rng))
+        gathered = distributed.gather_objects(
+            (rng_state(trainer.augment_rng), sum(self.bad_records.values()))
+        )
+        rngs = [rng for rng, _ in gathered]
+        self.data_problems = self.data_problems or any(bad for _, bad in gathered)
         improved = self.improved
         if distributed.is_main():
             self.checkpoints.save(
@@ -284,7 +293,10 @@ class RunState:
                     "scheduler": trainer.scheduler.state_dict(),
                     "scaler": trainer.scaler.state_dict(),
                     "rng": rngs,
-                    "loader": {"consumed_batches": trainer.step * self.cfg.train.grad_accum},
+                    "loader": {
+                        "consumed_batches": trainer.step * self.cfg.train.grad_accum,
+                        "data_problems": self.data_problems,
+                    },
                     "config": to_dict(self.cfg),
                     "best": self.best,
                     "thresholds": self.thresholds,

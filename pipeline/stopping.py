@@ -3,7 +3,9 @@
 torchrun forwards only some signals to its workers, and SLURM signals the batch shell, so
 the batch script's trap touches a stop file that rank 0 polls. Signals that do reach us
 (SIGTERM from a time limit or scancel) set the same flag. Ranks agree through one tiny
-all-reduce per step, so they all save the same step and exit together.
+all-reduce per step, so they all save the same step and exit together. DataLoader workers
+ignore these signals (see data.loader), so the trainer still has its batches while it
+finishes the step and saves.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ class StopRequest:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.signalled is not None:
-            # A second signal means "now": die the default way instead of waiting a step.
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signalled = signal.Signals(signum).name
+        # Repeats are normal, not "die now": on a time limit or scancel SLURM signals every
+        # process of the step and torchrun then forwards its own SIGTERM, milliseconds
+        # apart. The checkpoint comes first; SIGKILL at the end of the grace period is the
+        # escalation.
+        if self.signalled is None:
+            self.signalled = signal.Signals(signum).name
 
     def local(self) -> bool:
         """This rank's view: a signal arrived, or (rank 0) the stop file exists."""

@@ -59,7 +59,9 @@ class Trainer:
         if cfg.data.train is None:
             data_sources.ensure_synthetic(cfg.data, distributed.is_main())
             distributed.barrier()
-        self.sources = data_sources.resolve(cfg.data)
+        # Every rank checks the patterns (errors surface everywhere), then takes rank 0's
+        # list: a lagging shared filesystem must not give ranks different shard lists.
+        self.sources = distributed.broadcast_object(data_sources.resolve(cfg.data))
         check_readers(len(self.sources.train), env.world_size, cfg.data.num_workers)
         pos_weight = cfg.loss.pos_weight
         if pos_weight == "auto":
@@ -79,6 +81,10 @@ class Trainer:
         fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
         model = model.to(device, memory_format=fmt if cfg.model.channels_last else None)
         self.model = distributed.wrap_ddp(model, device, cfg.model.sync_batchnorm)
+        # Kept apart from a compiled wrapper, which hides DDP's no_sync().
+        self.ddp = (
+            self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
+        )
         if cfg.model.compile:
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, cfg.optim, device)
@@ -126,9 +132,12 @@ class Trainer:
             cfg.data.num_workers,
             cfg.data.shuffle_blocks,
             cfg.data.on_error,
-            self.sources.train_counts,
+            # Manifest counts let a resume skip whole epochs unread; after skipped records
+            # they overstate the stream, so the resume then counts real samples from epoch 0.
+            None if self.state.data_problems else self.sources.train_counts,
             consumed=self.step * cfg.train.grad_accum,
             sample_shape=cfg.data.sample_shape,
+            reader=cfg.data.reader,
         )
         loader = build_loader(
             TrainStream(spec),
@@ -153,14 +162,11 @@ class Trainer:
             return
         if self.cfg.guard.dynamic == "error":
             raise guard.BoundedHeadError(message)
-        self.state.tracker.warn(self.step, message)
+        self.state.tracker.warn(self.step, message, local=True)
 
     def fit(self) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
-        accum, ddp = (
-            cfg.train.grad_accum,
-            isinstance(self.model, nn.parallel.DistributedDataParallel),
-        )
+        accum, ddp = cfg.train.grad_accum, self.ddp
         amp = autocast(self.precision, self.device)
         batches = self.batches() if self.step < cfg.train.max_steps else None
         stop = StopRequest(state.run_dir)
@@ -175,6 +181,7 @@ class Trainer:
             started = time.perf_counter()
             if buffers:
                 torch._foreach_copy_(buffers_before, buffers)
+            loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
             for micro in range(accum):
                 waited = time.perf_counter()
                 batch = next(batches)
@@ -183,15 +190,14 @@ class Trainer:
                 label = batch["label"].to(self.device, non_blocking=True).float()
                 crops = self.transform(patch, train=True, generator=self.augment_rng)
                 # Only the last micro-step all-reduces gradients.
-                sync = (
-                    self.model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-                )
+                sync = ddp.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
                 with sync:
                     with amp:
                         logits = as_logits(self.model(*crops))
                     loss = self.criterion(logits.float(), label) / accum
                     self.scaler.scale(loss).backward()
                 window.add_loss(loss.detach() * accum)
+                loss_bad |= ~torch.isfinite(loss.detach())
                 state.note_bad_records(batch["bad_records"])
                 due = self.step == state.start_step or self.step == state.start_step + 10
                 if micro == 0 and (
@@ -204,20 +210,28 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), cfg.optim.grad_clip or math.inf
             )
-            finite = bool(torch.isfinite(grad_norm))
+            if self.precision == "fp16":
+                # GradScaler skips overflowing gradients and lowers its scale: routine. A
+                # non-finite loss is not, and it must count towards max_bad_steps too.
+                bad_here = bool(loss_bad)
+            else:
+                bad_here = not bool(torch.isfinite(grad_norm))
             stop_here = stop.local() or self.step + 1 == cfg.train.stop_at_step
-            stop_now, nonfinite = distributed.any_rank(stop_here, not finite)
-            if nonfinite and self.precision != "fp16":
-                bad_steps += 1  # skip: AdamW's moments must not see inf/nan
-                with torch.no_grad():
+            stop_now, nonfinite = distributed.any_rank(stop_here, bad_here)
+            if nonfinite:
+                bad_steps += 1
+                with torch.no_grad():  # NaN BatchNorm statistics would poison every eval
                     torch._foreach_copy_(buffers, buffers_before)
                 state.tracker.warn(
                     self.step,
                     f"non-finite loss/gradient at step {self.step + 1}; step skipped ({bad_steps} in a row)",
                 )
             else:
-                self.scaler.step(self.optimizer)
                 bad_steps = 0
+            if not nonfinite or self.precision == "fp16":
+                # Skip for fp32/bf16: AdamW's moments must not see inf/nan. fp16: GradScaler
+                # sees the inf/nan gradients and skips the step itself.
+                self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -234,6 +248,7 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 window = state.log_window(window)
             evaluated = False
+            paused = time.perf_counter()
             if (
                 cfg.train.eval_every and self.step % cfg.train.eval_every == 0
             ) or self.step == cfg.train.max_steps:
@@ -250,5 +265,7 @@ class Trainer:
                 and state.improved
             ):
                 state.save_checkpoint()
+            # Validation and checkpoints are not training: keep them out of samples/s.
+            window.started += time.perf_counter() - paused
         stop.consume_stale()
         return state.finish(stopped=False)

@@ -112,9 +112,13 @@ def write_data(root: Path, dims: int, n: int, dtype: str, blocks: tuple[int, ...
 # --- readers ------------------------------------------------------------------------------
 
 
-def project_stream(shards: list[str], batch: int, shuffle_blocks: int, workers: int = 0):
-    """The training stream exactly as `Trainer.batches` builds it."""
-    spec = StreamSpec(shards, batch, seed=0, num_workers=workers, shuffle_blocks=shuffle_blocks)
+def project_stream(
+    shards: list[str], batch: int, shuffle_blocks: int, workers: int = 0, reader: str = "fast"
+):
+    """The training stream exactly as `Trainer.batches` builds it (`data.reader` = reader)."""
+    spec = StreamSpec(
+        shards, batch, seed=0, num_workers=workers, shuffle_blocks=shuffle_blocks, reader=reader
+    )
     if workers == 0:
         return iter(TrainStream(spec))
     return iter(build_loader(TrainStream(spec), workers, pin_memory=False, prefetch=4))
@@ -254,7 +258,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
             else ""
         )
         print(
-            f"{dims}D {reader:10s} {note:34s} {row['samples_per_s']:12,.0f} samples/s "
+            f"{dims}D {reader:18s} {note:34s} {row['samples_per_s']:12,.0f} samples/s "
             f"{row['bytes_per_s'] / 1e6:8,.0f} MB/s{rss}",
             flush=True,
         )
@@ -292,6 +296,10 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
     readers = {
         "raw_read": raw_reader(data["block"][k], data["n"]),
         "project": stream_reader(project_stream(data["block"][k], batch, args.shuffle_blocks)),
+        # The same blocks, shuffle and batching, read by webdataset's tar reader instead.
+        "project_webdataset": stream_reader(
+            project_stream(data["block"][k], batch, args.shuffle_blocks, reader="webdataset")
+        ),
         "per_sample": stream_reader(
             per_sample_stream(data["per_sample"], batch, shuffle=args.sample_shuffle)
         ),
@@ -339,6 +347,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
         "cpu_samples_per_s": {n: r["cpu_samples_per_s"] for n, r in per_worker.items()},
         "speedup_vs_per_sample": headline["project"] / headline["per_sample"],
         "fraction_of_raw_read": headline["project"] / headline["raw_read"],
+        "fast_vs_webdataset_reader": headline["project"] / headline["project_webdataset"],
         "k": k,
         "batch": batch,
         "sample_bytes": sample_bytes,
@@ -378,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_s": head["samples_per_s"],
         "speedup_vs_per_sample": head["speedup_vs_per_sample"],
         "fraction_of_raw_read": head["fraction_of_raw_read"],
+        "fast_vs_webdataset_reader": head["fast_vs_webdataset_reader"],
         "goals": GOALS,
         "per_dims": per_dims,
         "rows": rows,

@@ -31,6 +31,19 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`train` on configs/tiny.yaml with `shards`' train/val splits into `run_dir`, then `extra`."""
+    return [
+        "train",
+        "--config",
+        str(TINY),
+        f"data.train={shards}/train-*.tar",
+        f"data.val={shards}/val-*.tar",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300, cwd: Path = ROOT):
     """Run `python -m pipeline ARGS`; returns the CompletedProcess (never raises on rc)."""
     return subprocess.run(

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data.format import ShardInfo, encode_block, update_manifest
+from pipeline.data.loader import StreamSpec, read_blocks, worker_batches
+from pipeline.data.problems import ProblemLog
+from pipeline.errors import DataError
 from tests.conftest import TINY, cli_env, run_cli, run_torchrun
 from tests.faults import small_shards
 
@@ -225,3 +229,61 @@ def test_a_corrupt_shard_does_not_desynchronise_two_ranks(data, tmp_path):
     end = _events(run_dir, "end")[-1]
     assert end["steps_per_rank"] == [12, 12]
     assert _events(run_dir, "train")[-1]["train/bad_records"] > 0
+
+
+def _batches(spec, worker: int, workers: int, n: int) -> list:
+    stream = worker_batches(spec, worker, workers, skip=0)
+    return [next(stream) for _ in range(n)]
+
+
+def test_a_reader_whose_only_shard_is_bad_skips_that_epoch_instead_of_failing(data):
+    # As many shards as readers: each epoch one of the two workers is dealt the bad shard.
+    root = data["root"]
+    spec = StreamSpec([str(root / "train-000000.tar"), str(root / "train-bad-empty-file.tar")], 8)
+    for worker in (0, 1):
+        assert len(_batches(spec, worker, 2, 30)) == 30
+    assert spec.problems.count > 0  # every skipped epoch is still counted
+
+
+def test_a_reader_that_never_finds_a_sample_stops_with_a_clear_error(data):
+    root = data["root"]
+    bad = [str(root / "train-bad-empty-file.tar"), str(root / "train-bad-no-records.tar")]
+    with pytest.raises(DataError, match="epochs in a row yielded no readable samples"):
+        _batches(StreamSpec(bad, 8), 0, 1, 1)
+
+
+@pytest.mark.slow
+def test_resume_after_skipped_records_is_still_bit_exact(data, tmp_path):
+    # The truncated shard's manifest entry overstates it, so epoch positions must come from
+    # the samples actually read, not the manifest. 30 steps cross several epochs.
+    train = "train-{000000,000001,bad-truncated}.tar"
+    common = ["train.batch_size=8", "train.max_steps=30", "train.eval_every=0"]
+    env = cli_env(tmp_path)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(_train_args(data["root"], whole, train, *common), env).returncode == 0
+    first = run_cli(_train_args(data["root"], parts, train, *common, "train.stop_at_step=25"), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(_train_args(data["root"], parts, train, *common), env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 25" in second.stderr
+    a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(parts / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_webdataset_reader_skips_exactly_what_the_fast_reader_skips(data):
+    for name in data["expected"]:
+        counts = {}
+        for reader in ("fast", "webdataset"):
+            problems = ProblemLog()
+            blocks = read_blocks(
+                [str(data["root"] / name)],
+                "skip",
+                problems,
+                sample_shape=(1, 48, 48),
+                reader=reader,
+            )
+            counts[reader] = (sum(len(b) for b in blocks), problems.count)
+        assert counts["webdataset"] == counts["fast"], name
+        assert counts["fast"][1] == 1, name

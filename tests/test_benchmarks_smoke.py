@@ -33,9 +33,11 @@ def test_both_benchmarks_print_json_with_the_required_keys(tmp_path):
     train = _start("bench_train.py", tmp_path)
     result = _last_json(loader)
     rates = result["samples_per_s"]
-    assert set(rates) == {"project", "per_sample", "raw_read"} and min(rates.values()) > 0
+    assert set(rates) == {"project", "project_webdataset", "per_sample", "raw_read"}
+    assert min(rates.values()) > 0
     assert result["speedup_vs_per_sample"] == rates["project"] / rates["per_sample"]
     assert result["fraction_of_raw_read"] == rates["project"] / rates["raw_read"]
+    assert result["fast_vs_webdataset_reader"] == rates["project"] / rates["project_webdataset"]
     memory = result["per_dims"]["2d"]["memory"]
     assert [m["shuffle_blocks"] for m in memory] == [1, 4]
     assert all(m["worker_peak_rss_mib"] > 0 for m in memory)

@@ -14,18 +14,14 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from tests.conftest import ROOT, TINY, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli, train_args
 from tests.faults import small_shards
 
 
 def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(TINY),
-        f"data.train={shards}/train-*.tar",
-        f"data.val={shards}/val-*.tar",
-        f"run.dir={run_dir}",
+    return train_args(
+        shards,
+        run_dir,
         "train.batch_size=8",
         "train.max_steps=20",
         "train.eval_every=0",
@@ -33,7 +29,7 @@ def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "checkpoint.every_steps=5",
         "checkpoint.keep_last=2",
         *extra,
-    ]
+    )
 
 
 def _step_files(run_dir: Path) -> list[str]:

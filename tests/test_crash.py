@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint
-from tests.conftest import TINY, cli_env, run_torchrun
+from tests.conftest import cli_env, run_torchrun, train_args
 from tests.faults import small_shards
 
 pytestmark = pytest.mark.slow
@@ -26,13 +26,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _args(shards: Path, run_dir: Path, fault: str, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(TINY),
-        f"data.train={shards}/train-*.tar",
-        f"data.val={shards}/val-*.tar",
-        f"run.dir={run_dir}",
+    return train_args(
+        shards,
+        run_dir,
         "model.target=tests.faults:FaultyNet",
         f"model.kwargs={{fault: {fault}, at: 7, rank: 1}}",
         "train.batch_size=8",
@@ -42,7 +38,7 @@ def _args(shards: Path, run_dir: Path, fault: str, *extra: str) -> list[str]:
         "checkpoint.every_steps=4",
         "dist.timeout_s=20",
         *extra,
-    ]
+    )
 
 
 def _timed(args: list[str], env: dict, extra: list[str] = ()) -> tuple:

@@ -219,3 +219,18 @@ def test_detect_env_prefers_torchrun_then_srun_tasks_then_single():
     # The batch script itself (no job step) is one process, whatever --ntasks says.
     batch = {k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}
     assert detect_env(batch).launcher == "single" and not detect_env(batch).distributed
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_on_cpu_ranks_is_a_config_error_not_a_crash(tiny_args, tmp_path):
+    result = run_torchrun(
+        2, ["train", *tiny_args, "model.sync_batchnorm=true", FAST_FAIL], cli_env(tmp_path)
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "pipeline train: error:" in line]
+    assert errors and all(
+        "model.sync_batchnorm: SyncBatchNorm runs on GPUs only" in e for e in errors
+    )
+    # Refused at start-up (each rank exits 2), not torch's ValueError at the first forward.
+    assert "SyncBatchNorm expected input tensor" not in result.stderr
+    assert "exitcode: 2" in result.stderr, result.stderr[-2000:]

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from pipeline.data import arena as arena_module
 from pipeline.data.format import encode_block, write_shard
-from pipeline.data.loader import StreamSpec, worker_batches
+from pipeline.data.loader import EvalStream, StreamSpec, worker_batches
 from pipeline.data.tar_records import tar_records
 from tests.conftest import ROOT
 
@@ -129,6 +129,26 @@ def test_arena_gives_the_same_stream_as_concatenating(tmp_path, monkeypatch):
     for (blocks, skip), batches in fast.items():
         assert _stream(shards, blocks, skip) == batches, (blocks, skip)
     assert used  # the slow path really ran
+
+
+def test_webdataset_reader_gives_the_same_train_and_eval_streams(tmp_path):
+    # data.reader=webdataset is the library's own reader: identical batches, bad record
+    # skipped the same way, only slower.
+    shards = _odd_shards(tmp_path)
+    spec = StreamSpec(shards, 24, seed=1, shuffle_blocks=3, reader="webdataset")
+    batches = worker_batches(spec, 0, 1, 0)
+    got = [next(batches)["patch"].numpy().tobytes() for _ in range(30)]
+    assert got == _stream(shards, 3, 0)
+    assert spec.problems.count > 0
+
+    def evaluated(reader: str) -> list[tuple]:
+        spec = StreamSpec(shards, 50, reader=reader)
+        return [
+            (b["patch"].numpy().tobytes(), b["label"].numpy().tobytes(), tuple(b["ids"]))
+            for b in EvalStream(spec)
+        ]
+
+    assert evaluated("webdataset") == evaluated("fast")
 
 
 def test_workers_exit_when_their_trainer_is_killed(tmp_path):

@@ -56,3 +56,11 @@ def test_user_model_that_breaks_the_contract_is_refused():
             scales=[16, 32, 48],
             target="tests.contract_models:WrongShapeHead",
         )
+
+
+def test_user_module_that_fails_on_import_is_a_contract_error(tmp_path, monkeypatch):
+    # Not only ImportError: a user's module can raise anything while importing.
+    (tmp_path / "broken_user_model.py").write_text("raise NameError('typo_in_module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelContractError, match="NameError: typo_in_module"):
+        build_model(dims=2, in_channels=1, scales=[16, 32, 48], target="broken_user_model:Net")

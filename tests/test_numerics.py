@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from tests.conftest import TINY, cli_env, run_cli
+from tests.conftest import cli_env, run_cli, train_args
 from tests.faults import small_shards
 
 
@@ -20,13 +20,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(TINY),
-        f"data.train={shards}/train-*.tar",
-        f"data.val={shards}/val-*.tar",
-        f"run.dir={run_dir}",
+    return train_args(
+        shards,
+        run_dir,
         "train.batch_size=8",
         "train.max_steps=20",
         "train.eval_every=0",
@@ -34,7 +30,7 @@ def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "train.max_bad_steps=3",
         "checkpoint.every_steps=5",
         *extra,
-    ]
+    )
 
 
 def _diverged_line(result) -> str:

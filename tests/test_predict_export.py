@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.format import expand_shards
+from pipeline.data.format import UNKNOWN_LABEL, expand_shards, write_split
 from pipeline.data.loader import read_blocks
 from pipeline.data.problems import ProblemLog
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.export import export
 from pipeline.inference import eval_transform, load_trained
 from pipeline.model import as_logits
@@ -85,6 +85,32 @@ def test_predict_writes_one_row_per_sample_with_sigmoid_probabilities_and_named_
     assert [int(r["predicted"]) for r in rows] == [int(p >= threshold) for p in probs]
     assert {r["label"] for r in rows} == {"0", "1"}
     assert f"threshold f1 = {threshold:.6g}" in done.stdout
+
+
+def test_predict_scores_unlabelled_candidates_and_leaves_their_label_empty(trained, tmp_path):
+    # New detector candidates have no label yet: the writer stores 255 (unknown).
+    rng = np.random.default_rng(0)
+    patch = rng.integers(0, 256, (40, 1, 48, 48), dtype=np.uint8)
+    label = np.full(40, UNKNOWN_LABEL, np.uint8)
+    label[:10] = [0, 1] * 5  # a few already reviewed
+    write_split(tmp_path, "new", patch, label, [f"c{i}" for i in range(40)], block_size=16)
+    out = tmp_path / "new.csv"
+    args = ["predict", "--checkpoint", trained["ckpt"], "--shards", f"{tmp_path}/new-*.tar"]
+    done = run_cli([*args, "--out", str(out)], cli_env(trained["tmp"]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["id"]: r for r in read_csv(out)}
+    assert len(rows) == 40
+    assert [rows[f"c{i}"]["label"] for i in range(10)] == ["0", "1"] * 5
+    assert all(rows[f"c{i}"]["label"] == "" for i in range(10, 40))
+    assert all(0 < float(r["probability"]) < 1 for r in rows.values())
+    assert "30 unlabelled" in done.stdout
+
+    # Training and evaluation need labels: unknown ones are bad records, with the reason.
+    problems = ProblemLog()
+    shards = expand_shards(f"{tmp_path}/new-*.tar")
+    assert not list(read_blocks(shards, "skip", problems))
+    with pytest.raises(DataError, match=r"labels must be 0 or 1 \(255 = unknown is only for"):
+        list(read_blocks(shards, "fail", ProblemLog()))
 
 
 def test_predict_threshold_by_number_splits_the_predictions(trained):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from tests.conftest import TINY, cli_env, run_cli, run_torchrun
+from tests.conftest import cli_env, run_cli, run_torchrun, train_args
 from tests.faults import small_shards
 
 
@@ -29,20 +29,16 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--config",
-        str(TINY),
-        f"data.train={shards}/train-*.tar",
-        f"data.val={shards}/val-*.tar",
-        f"run.dir={run_dir}",
+    return train_args(
+        shards,
+        run_dir,
         "train.batch_size=8",
         "train.eval_every=5",
         "train.log_every=4",
         "model.dropout=0.2",
         "checkpoint.every_steps=1000",
         *extra,
-    ]
+    )
 
 
 def assert_identical(a: Any, b: Any, where: str = "state") -> None:

@@ -200,3 +200,37 @@ def test_multinode_sbatch_trains_one_rank_on_each_node(multinode_job):
     assert records(run, "end")[0]["steps_per_rank"] == [PREEMPT_STEPS, PREEMPT_STEPS]
     assert load(run / "checkpoints" / "last.pt")["step"] == PREEMPT_STEPS
     assert len(records(run, "train")) == PREEMPT_STEPS  # rank 0 alone wrote metrics
+
+
+def test_plain_srun_one_task_per_process_trains_across_both_nodes(tiny, tiny_shards, tmp_path):
+    # No torchrun: ranks come from SLURM_PROCID/SLURM_NTASKS, the master from the nodelist.
+    run = tmp_path / "run"
+    cmd = [
+        "srun",
+        f"--partition={PARTITION}",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--time=00:05:00",
+        f"--chdir={tmp_path}",
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        *tiny,
+        f"data.val={tiny_shards}/val-*.tar",
+        f"run.dir={run}",
+        "train.max_steps=6",
+    ]
+    done = subprocess.run(
+        cmd, env=job_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "rank 0/2 via slurm" in log, log[-3000:]
+    system = records(run, "start")[0]["system"]
+    assert system["world_size"] == 2 and system["slurm_nodelist"] == "node[1-2]"
+    assert sorted(r["node"] for r in system["ranks"]) == ["node1", "node2"]
+    assert records(run, "end")[0]["steps_per_rank"] == [6, 6]
+    assert [r["step"] for r in records(run, "eval")] == [6]
+    assert load(run / "checkpoints" / "last.pt")["step"] == 6

@@ -2,7 +2,8 @@
 
 A record is one tar member group `<key>.patch.npy`, `<key>.label.npy`, `<key>.meta.json`:
 - `patch.npy`: [K, C, S, S] (2D) or [K, C, S, S, S] (3D), stored dtype as written;
-- `label.npy`: [K], values 0/1 (uint8);
+- `label.npy`: [K], values 0/1 (uint8), or 255 = unknown (candidates to score with
+  `pipeline predict`; training and evaluation refuse them);
 - `meta.json`: {"version": 1, "ids": [...], "groups": [...] | null, "coords": [...] | null}.
 
 Only the largest crop is stored; the smaller scales are centre crops taken on the device.
@@ -35,6 +36,7 @@ ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "float16", "float32")
 _ALLOWED = frozenset(np.dtype(name) for name in ALLOWED_DTYPES)
 # Members that would need pickle to decode; a shard carrying them is refused, never loaded.
 PICKLE_SUFFIXES = (".pyd", ".pth", ".pt", ".pickle", ".pkl")
+UNKNOWN_LABEL = 255
 
 
 @dataclass
@@ -75,8 +77,8 @@ def encode_block(
     groups: Sequence[str] | None = None,
     coords: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
-    """One record, as a dict for `webdataset.TarWriter.write`."""
-    check_block_arrays(patch, label, source=key)
+    """One record, as a dict for `webdataset.TarWriter.write`; labels may be UNKNOWN_LABEL."""
+    check_block_arrays(patch, label, source=key, allow_unknown=True)
     if len(ids) != len(label):
         raise DataError(f"{key}: {len(ids)} ids for {len(label)} samples")
     meta = {
@@ -99,8 +101,17 @@ def _zero_or_one(label: np.ndarray) -> bool:
     return bool(((label == 0) | (label == 1)).all())
 
 
-def check_block_arrays(patch: np.ndarray, label: np.ndarray, source: str) -> None:
-    """Raise DataError naming `source` unless the arrays are a well-formed block."""
+def _known_or_unknown(label: np.ndarray) -> bool:
+    return bool(((label == 0) | (label == 1) | (label == UNKNOWN_LABEL)).all())
+
+
+def check_block_arrays(
+    patch: np.ndarray, label: np.ndarray, source: str, allow_unknown: bool = False
+) -> None:
+    """Raise DataError naming `source` unless the arrays are a well-formed block.
+
+    `allow_unknown` admits UNKNOWN_LABEL (writing, and reading for `pipeline predict`).
+    """
     if patch.ndim not in (4, 5):
         raise DataError(f"{source}: patch must be [K,C,S,S] or [K,C,S,S,S], got {patch.shape}")
     spatial = patch.shape[2:]
@@ -112,7 +123,12 @@ def check_block_arrays(patch: np.ndarray, label: np.ndarray, source: str) -> Non
     if label.ndim != 1 or label.shape[0] != patch.shape[0]:
         raise DataError(f"{source}: label shape {label.shape} does not match {patch.shape[0]}")
     if label.size and not _zero_or_one(label):
-        raise DataError(f"{source}: labels must be 0 or 1")
+        if not allow_unknown:
+            unknown = bool((label == UNKNOWN_LABEL).any())
+            hint = " (255 = unknown is only for `pipeline predict`)" if unknown else ""
+            raise DataError(f"{source}: labels must be 0 or 1{hint}")
+        if not _known_or_unknown(label):
+            raise DataError(f"{source}: labels must be 0, 1 or {UNKNOWN_LABEL} (unknown)")
     if patch.dtype.kind == "f" and not np.isfinite(patch).all():
         raise DataError(f"{source}: patch holds NaN or Inf")
 
@@ -158,7 +174,7 @@ def _load_npy(data: Any, member: str) -> np.ndarray:
         raise DataError(f"{member}: cannot decode .npy without pickle ({exc})") from None
 
 
-def decode_block(sample: dict[str, Any], meta: bool = True) -> Block:
+def decode_block(sample: dict[str, Any], meta: bool = True, allow_unknown: bool = False) -> Block:
     """A webdataset sample dict (raw bytes per member) -> validated Block; DataError if bad.
 
     `meta=False` skips parsing meta.json (ids stay empty): training never reads ids, and
@@ -173,7 +189,7 @@ def decode_block(sample: dict[str, Any], meta: bool = True) -> Block:
             raise DataError(f"{key}: missing {required}")
     patch = _load_npy(sample["patch.npy"], f"{key}.patch.npy")
     label = _load_npy(sample["label.npy"], f"{key}.label.npy")
-    check_block_arrays(patch, label, source=key)
+    check_block_arrays(patch, label, source=key, allow_unknown=allow_unknown)
     if not meta:
         return Block(patch, label.astype(np.uint8), [], None, None)
     try:
@@ -219,7 +235,7 @@ def write_shard(
             )
             blocks += 1
     os.replace(tmp, path)
-    return ShardInfo(path.name, n, int(np.asarray(label).sum()), blocks)
+    return ShardInfo(path.name, n, int(np.count_nonzero(np.asarray(label) == 1)), blocks)
 
 
 def write_split(

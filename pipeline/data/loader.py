@@ -26,9 +26,9 @@ webdataset's streaming tar reader, and batches leave DataLoader workers pickled 
 from __future__ import annotations
 
 import os
+import signal
 import tarfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
 from pipeline.data.problems import ProblemLog
-from pipeline.data.tar_records import Placer, tar_records
+from pipeline.data.tar_records import Placer, tar_records, webdataset_records
 from pipeline.errors import DataError
 
 
@@ -62,6 +62,10 @@ class StreamSpec:
     """Batches this rank already consumed (resume position)."""
     sample_shape: tuple[int, ...] | None = None
     """(C, S, S[, S]) every block must have (from the config); None = not checked."""
+    reader: str = "fast"
+    """`fast` (tar_records) or `webdataset` (the library's streaming reader); same records."""
+    allow_unknown: bool = False
+    """Admit label 255 (unknown): only `pipeline predict` reads such shards."""
     problems: ProblemLog = field(default_factory=ProblemLog)
 
 
@@ -72,6 +76,8 @@ def read_blocks(
     meta: bool = True,
     sample_shape: tuple[int, ...] | None = None,
     place: Placer | None = None,
+    reader: str = "fast",
+    allow_unknown: bool = False,
 ) -> Iterator[Block]:
     """Decoded blocks of `shards`, in order; bad records are skipped and counted, or raise.
 
@@ -79,14 +85,18 @@ def read_blocks(
     `place` may read members into caller-owned memory (the training stream's Arena).
     Blocks whose sample shape is not `sample_shape` are bad records too (one odd shard
     would otherwise break batching far from its cause), and so is a shard with no records.
+    `reader="webdataset"` reads through webdataset instead (no arena placement).
     """
     for shard in shards:
         records = 0
         try:
-            for sample in tar_records(shard, place):
+            source = (
+                webdataset_records(shard) if reader == "webdataset" else tar_records(shard, place)
+            )
+            for sample in source:
                 records += 1
                 try:
-                    block = decode_block(sample, meta)
+                    block = decode_block(sample, meta, allow_unknown)
                     if sample_shape is not None and block.patch.shape[1:] != sample_shape:
                         found, wanted = (
                             "x".join(map(str, shape))
@@ -180,6 +190,7 @@ def _own_epoch(spec: StreamSpec, epoch: int, worker: int, workers: int) -> Itera
         meta=False,
         sample_shape=spec.sample_shape,
         place=arena.place,
+        reader=spec.reader,
     ):
         buffer.append(block)
         if len(buffer) >= spec.shuffle_blocks:
@@ -227,6 +238,9 @@ def _gather(pieces: list[Chunk], size: int) -> tuple[np.ndarray, np.ndarray]:
     return patch, label
 
 
+MAX_EMPTY_EPOCHS = 16
+
+
 def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> Iterator[Any]:
     """Infinite batches of one logical worker, after discarding its first `skip` batches.
 
@@ -238,6 +252,7 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     # positions in skipped batches.
     batch_index, filled = divmod(emitted, size)
     pieces: list[Chunk] = []
+    empty_epochs = 0
     while True:
         got_any = False
         for patch, label, order in _own_epoch(spec, epoch, worker, workers):
@@ -259,10 +274,14 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
                             }
                         )
                     pieces, filled, batch_index = [], 0, batch_index + 1
-        if not got_any:
+        # With as many shards as readers, one bad shard empties a reader's whole epoch:
+        # with on_error=skip that is a skip like any other (the next epoch deals it other
+        # shards). Only a reader that never finds a readable sample must stop the run.
+        empty_epochs = 0 if got_any else empty_epochs + 1
+        if empty_epochs >= max(MAX_EMPTY_EPOCHS, 2 * len(spec.shards)):
             raise DataError(
-                f"rank {spec.rank} worker {worker}: epoch {epoch} yielded no readable samples "
-                f"from its shards; check them with `pipeline check-shards`"
+                f"rank {spec.rank} worker {worker}: {empty_epochs} epochs in a row yielded no "
+                f"readable samples from its shards; check them with `pipeline check-shards`"
             )
         epoch += 1
 
@@ -313,7 +332,12 @@ class EvalStream(IterableDataset):
         for shard in mine:
             pending: list[Block] = []
             for block in read_blocks(
-                [shard], self.spec.on_error, self.spec.problems, sample_shape=self.spec.sample_shape
+                [shard],
+                self.spec.on_error,
+                self.spec.problems,
+                sample_shape=self.spec.sample_shape,
+                reader=self.spec.reader,
+                allow_unknown=self.spec.allow_unknown,
             ):
                 pending.append(block)
                 if sum(len(b) for b in pending) >= self.spec.batch_size:
@@ -339,17 +363,29 @@ def _eval_batch(blocks: list[Block], worker: int, bad_records: int) -> dict[str,
 
 
 def _exit_with_parent(worker_id: int) -> None:
-    """Worker side: leave at once when the trainer dies (SIGKILL, OOM, preemption).
+    """Worker side: obey only the trainer's SIGTERM, and leave at once when the trainer dies.
 
+    SLURM (time limit, scancel, preemption) and torchrun signal the whole process group, so
+    a worker with the default SIGTERM/SIGUSR1/SIGINT action would die under the trainer
+    while it finishes its last step and checkpoint. SIGUSR1 and SIGINT are ignored; SIGTERM
+    is blocked and taken by a watcher thread that exits only when the sender is the trainer
+    (DataLoader's and multiprocessing's shutdown terminate workers that way; ignoring those
+    too would hang the trainer's exit).
     Shipped batches are larger than a pipe's buffer, so a worker whose trainer died blocks
     forever in its exit handler, flushing a batch nobody will read; os._exit skips that.
     """
+    for sig in (signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked before any thread starts, so every thread inherits the mask and a pending
+    # SIGTERM waits for the watcher's sigtimedwait, which tells who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
+        while True:
+            sent = signal.sigtimedwait([signal.SIGTERM], 1.0)
+            if os.getppid() != parent or (sent is not None and sent.si_pid == parent):
+                os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

@@ -62,7 +62,9 @@ def resolve(cfg: DataConfig) -> Sources:
     """Expand patterns and read manifest counts; errors name the key and pattern."""
     if cfg.train is None:
         root = synthetic_dir(cfg)
-        train_pattern, val_pattern = str(root / "train-*.tar"), str(root / "val-*.tar")
+        train_pattern = str(root / "train-*.tar")
+        # data.val set alone validates the synthetic demo's model on the user's shards.
+        val_pattern = cfg.val or str(root / "val-*.tar")
     else:
         train_pattern = cfg.train
         val_pattern = cfg.val

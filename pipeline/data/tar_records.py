@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
+from webdataset.tariterators import tarfile_samples
 
 BLOCK = 512
 BIG = 1 << 16  # members at least this big are read into numpy buffers
@@ -137,3 +138,20 @@ def tar_records(path: str, place: Placer | None = None) -> Iterator[dict[str, An
             record[suffix] = parts[0] if len(parts) == 1 else parts
         if record:
             yield record
+
+
+def webdataset_records(path: str) -> Iterator[dict[str, Any]]:
+    """The same records through webdataset's own reader (`tarfile_samples`, streaming tarfile).
+
+    `data.reader=webdataset`: the reference path, 2-2.5x slower per worker than
+    `tar_records` on 48x48 blocks (scripts/bench_loader.py), kept selectable so results can
+    be cross-checked against the library. Any failure inside webdataset (its handler
+    re-raises with extra args) becomes a tarfile.ReadError naming the first cause, so both
+    readers fail the same way.
+    """
+    try:
+        yield from tarfile_samples([{"url": path}])
+    except (OSError, tarfile.TarError, ValueError, AssertionError) as exc:
+        # webdataset appends " @ <stream repr>" and the url to the first cause.
+        cause = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        raise tarfile.ReadError(f"webdataset: {cause}") from None

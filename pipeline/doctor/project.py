@@ -39,7 +39,10 @@ def shards(cfg: Config) -> Iterator[Check]:
         if not (root / "manifest.json").exists():
             yield Check(OK, "data", f"synthetic demo; `pipeline train` generates it in {root}")
             return
-        patterns = {"data.train": str(root / "train-*.tar"), "data.val": str(root / "val-*.tar")}
+        patterns = {
+            "data.train": str(root / "train-*.tar"),
+            "data.val": data.val or str(root / "val-*.tar"),
+        }
     else:
         patterns = {"data.train": data.train, "data.val": data.val}
     for key, pattern in patterns.items():

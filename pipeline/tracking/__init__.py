@@ -73,9 +73,14 @@ class Tracker:
             self.wandb.log(step, values)
             self.wandb.log_curves(step, labels, probs)
 
-    def warn(self, step: int, message: str) -> None:
-        """A loud warning: console, the local record and W&B."""
-        log.warning(message)
+    def warn(self, step: int, message: str, local: bool = False) -> None:
+        """A loud warning: console, the local record and W&B.
+
+        Warnings about a decision all ranks share print once (rank 0), not once per rank;
+        `local=True` is for what only this rank saw (its own batch), printed with its rank.
+        """
+        if self.enabled or local:
+            log.warning(message)
         if not self.enabled:
             return
         self._write("warning", step, {"message": message})
