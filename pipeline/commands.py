@@ -76,6 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             }
             json.dump(clean, sys.stdout, indent=2, default=float)
             print()
+        distributed.barrier()  # rank 0 scored and wrote; everyone leaves together
     finally:
         distributed.shutdown()
     return 0

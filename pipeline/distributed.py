@@ -6,6 +6,7 @@ the collective helpers here, which are no-ops in a single process.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -152,7 +153,14 @@ def placement() -> dict[str, Any]:
 
 
 def shutdown() -> None:
+    """Destroy the process groups once nothing else holds them.
+
+    DDP's reducer keeps its group alive, and the trainer sits in a reference cycle: without
+    the collection the group's gloo threads would outlive destroy_process_group and die in
+    interpreter teardown, which can abort ("terminate called without an active exception").
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

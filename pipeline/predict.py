@@ -153,6 +153,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 f"{columns['label'].count(None)} unlabelled)",
                 flush=True,
             )
+        distributed.barrier()  # rank 0 wrote the file; everyone leaves together
     finally:
         distributed.shutdown()
     return 0

@@ -45,7 +45,11 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.set_num_threads(cfg.train.threads)
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
-        return Trainer(cfg, device).fit()
+        result = Trainer(cfg, device).fit()
+        # Only on success (a failed rank must not wait here): no rank tears down its
+        # connections while another still finishes its last collective.
+        distributed.barrier()
+        return result
     finally:
         distributed.shutdown()
 

@@ -88,3 +88,24 @@ def test_tiny_cli_training_run_on_cuda_logs_gpu_memory(tiny_args, tmp_path):
     assert train and all(r["train/gpu_mem_gb"] > 0 for r in train)
     evals = [r for r in records if r["event"] == "eval"]
     assert evals and evals[-1]["step"] == 20
+
+
+def test_fp16_non_finite_loss_counts_towards_max_bad_steps(tiny_args, tmp_path):
+    # GradScaler alone would lower its scale forever; a NaN loss must still stop the run.
+    env = cli_env(tmp_path, CUDA_VISIBLE_DEVICES="0")
+    overrides = [
+        "train.device=cuda",
+        "train.precision=fp16",
+        "model.target=tests.faults:FaultyNet",
+        "model.kwargs={fault: nan, at: 6}",
+        "train.batch_size=8",
+        "train.max_steps=20",
+        "train.eval_every=0",
+        "train.max_bad_steps=3",
+        "checkpoint.every_steps=5",
+    ]
+    result = run_cli(["train", *tiny_args, *overrides], env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline train: error: 3 consecutive non-finite steps; ")
+    assert "last good step 5" in last and "loss scale" in last
