@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.format import expand_shards, manifest_counts
+from pipeline.data.format import UNKNOWN_LABEL, expand_shards, manifest_counts
 from pipeline.data.loader import read_blocks
 from pipeline.data.problems import ProblemLog
 from pipeline.errors import DataError
@@ -32,6 +32,7 @@ class ShardReport:
     blocks: int = 0
     samples: int = 0
     positives: int = 0
+    unlabelled: int = 0
     shapes: dict[str, int] = field(default_factory=dict)
     """Samples per sample shape, e.g. {"1x48x48": 256}."""
     dtypes: list[str] = field(default_factory=list)
@@ -57,10 +58,11 @@ def check_shard(path: str) -> ShardReport:
     report, problems = ShardReport(path), _Collected()
     shapes: Counter[str] = Counter()
     dtypes: set[str] = set()
-    for block in read_blocks([path], "skip", problems, meta=True):
+    for block in read_blocks([path], "skip", problems, meta=True, allow_unknown=True):
         report.blocks += 1
         report.samples += len(block)
-        report.positives += int(np.count_nonzero(block.label))
+        report.positives += int(np.count_nonzero(block.label == 1))
+        report.unlabelled += int(np.count_nonzero(block.label == UNKNOWN_LABEL))
         shapes["x".join(map(str, block.patch.shape[1:]))] += len(block)
         dtypes.add(block.patch.dtype.name)
     report.shapes, report.dtypes, report.problems = dict(shapes), sorted(dtypes), problems.reasons
@@ -138,9 +140,15 @@ def format_table(reports: list[ShardReport]) -> str:
         f"{f'total ({len(reports)} shards)':<{width}}  {sum(r.blocks for r in reports):>7}  "
         f"{samples:>9}  {positives:>9}  {_balance(samples, positives):>6}"
     )
-    negatives = samples - positives
+    unlabelled = sum(r.unlabelled for r in reports)
+    negatives = samples - positives - unlabelled
     ratio = f"1:{negatives / positives:.1f}" if positives else "no positives"
     lines.append(f"class balance: {positives} positive, {negatives} negative ({ratio})")
+    if unlabelled:
+        lines.append(
+            f"{unlabelled} unlabelled samples (label {UNKNOWN_LABEL}): `pipeline predict` scores "
+            "them; training and evaluation skip their records"
+        )
     if problems:
         lines.append(f"problems ({len(problems)}):")
         lines.extend(f"  {p}" for p in problems)
@@ -152,6 +160,7 @@ def format_table(reports: list[ShardReport]) -> str:
 def to_json(reports: list[ShardReport]) -> dict[str, Any]:
     samples = sum(r.samples for r in reports)
     positives = sum(r.positives for r in reports)
+    unlabelled = sum(r.unlabelled for r in reports)
     return {
         "shards": [asdict(r) for r in reports],
         "total": {
@@ -159,7 +168,8 @@ def to_json(reports: list[ShardReport]) -> dict[str, Any]:
             "blocks": sum(r.blocks for r in reports),
             "samples": samples,
             "positives": positives,
-            "negatives": samples - positives,
+            "negatives": samples - positives - unlabelled,
+            "unlabelled": unlabelled,
         },
         "problems": sum(len(r.problems) for r in reports),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pipeline.convert import add_parser
 from pipeline.convert.crop import crop_patch
 from pipeline.convert.images import convert_images
 from pipeline.convert.volumes import convert_volumes
-from pipeline.data.format import decode_block
+from pipeline.data.format import UNKNOWN_LABEL, decode_block
 from pipeline.errors import DataError
 
 S = 16  # patch side used throughout: small keeps each test well under a second of work
@@ -32,7 +33,7 @@ def read_split(out: Path, split: str) -> dict[str, dict]:
             members = ({**m, "__url__": str(shard)} for m in tar_file_iterator(stream))
             records = list(group_by_keys(members))
         for record in records:
-            block = decode_block(record)
+            block = decode_block(record, allow_unknown=True)  # labels are asserted per test
             for k, sample_id in enumerate(block.ids):
                 samples[sample_id] = {
                     "patch": block.patch[k],
@@ -512,6 +513,56 @@ def test_volume_split_is_leak_free_by_seriesuid_across_folds(tmp_path):
     }
 
 
+def test_unlabelled_candidates_go_to_predict_shards_with_unknown_labels(tmp_path, capsys):
+    nodule = np.array([4.0, -20.0, 30.0])
+    for n in range(2):
+        write_scan(tmp_path / "scans" / f"1.2.{n}.mhd", nodule, size=(16, 16, 8), spacing=(1.5, 1.5, 3.0),
+                   origin=tuple(nodule - [12, 12, 12]))  # fmt: skip
+    # A detector's output on new scans: no class column at all.
+    rows = [
+        [f"1.2.{n}", *(nodule + shift), f"c{n}{k}"]
+        for n in range(2)
+        for k, shift in enumerate((0, 4, -4))
+    ]
+    table = write_csv(tmp_path / "new.csv", ["seriesuid", "coordX", "coordY", "coordZ", "cid"], rows)  # fmt: skip
+    base = ["convert", "volumes", "--candidates", str(table), "--scans", str(tmp_path / "scans"),
+            "--size", "8", "--window=-1000,400", "--id-col", "cid", "--workers", "1"]  # fmt: skip
+    out = tmp_path / "out"
+
+    assert cli([*base, "--out", str(out), "--unlabelled"]) == 0
+    assert "6 samples  unlabelled (score them with pipeline predict)" in capsys.readouterr().out
+    assert not list(out.glob("train-*")) and not list(out.glob("val-*"))
+    samples = read_split(out, "predict")
+    assert sorted(samples) == sorted(r[-1] for r in rows)
+    assert {s["label"] for s in samples.values()} == {UNKNOWN_LABEL}
+    assert samples["c10"]["group"] == "1.2.1" and samples["c10"]["coords"] == list(nodule)
+    assert samples["c10"]["patch"][0, 4, 4, 4] == 255  # the bright sphere, centred
+    manifest = json.loads((out / "manifest.json").read_text())["splits"]
+    assert list(manifest) == ["predict"] and manifest["predict"]["samples"] == 6
+    assert manifest["predict"]["positives"] == 0
+
+    # check-shards counts them as unlabelled, not as problems or positives.
+    from pipeline.check_shards import check_shards, format_table
+
+    (report,) = check_shards([str(p) for p in out.glob("predict-*.tar")])
+    assert (report.samples, report.positives, report.unlabelled, report.problems) == (6, 0, 6, [])
+    assert "6 unlabelled samples (label 255)" in format_table([report])
+
+    # Label and split flags make no sense without labels: one line each, exit 2, nothing written.
+    for extra, words in (
+        (["--label-col", "cid"], "--label-col and --unlabelled contradict"),
+        (["--folds", "2", "--val-fold", "0"], "--folds does not apply to --unlabelled"),
+        (["--val-fraction", "0.3"], "--val-fraction does not apply to --unlabelled"),
+        (["--label-threshold", "0.5"], "--label-threshold does not apply to --unlabelled"),
+    ):
+        assert cli([*base, "--out", str(tmp_path / "refused"), "--unlabelled", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err and "Traceback" not in err, err
+    # Without --unlabelled the missing class column is the usual one-line error.
+    assert cli([*base, "--out", str(tmp_path / "labelled")]) == 2
+    assert "no column 'class'; columns present: seriesuid" in capsys.readouterr().err
+
+
 def test_window_flag_accepts_both_spellings():
     from pipeline.convert import _window
 
@@ -534,11 +585,15 @@ def test_auto_shard_count_feeds_many_ranks_but_caps_shard_bytes():
 def test_documented_commands_parse():
     from pipeline.cli import build_parser
 
-    docs = (Path(__file__).parents[1] / "docs" / "bring_your_own_data.md").read_text()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    docs = readme.split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
     commands = [
-        c.replace("\\\n", " ") for c in docs.split("```\n") if c.startswith("pipeline convert")
+        line
+        for block in docs.split("```\n")
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("pipeline ")
     ]
-    assert len(commands) == 2
+    assert sum(c.startswith("pipeline convert") for c in commands) == 3
     for command in commands:
         args = build_parser().parse_args(command.split()[1:])
         assert callable(args.func)

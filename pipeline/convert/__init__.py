@@ -40,11 +40,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--id-col", help="column with sample ids (default: row<N>, N = CSV line number)"
     )
+    group.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="candidates without labels, to score with `pipeline predict`: no label column, "
+        "no split, all samples to predict-*.tar",
+    )
     group = parser.add_argument_group("split")
     group.add_argument(
         "--val-fraction",
         type=float,
-        default=0.2,
         help="fraction of groups for val (default 0.2; 0 = train only)",
     )
     group.add_argument("--folds", type=int, help="K-fold split by group; use with --val-fold")
@@ -76,6 +81,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
 
 
+def _label_col(args: argparse.Namespace, default: str) -> str | None:
+    """None for --unlabelled; refusing --label-col with it beats silently ignoring one."""
+    if args.unlabelled and args.label_col is not None:
+        raise ConfigError("--label-col and --unlabelled contradict each other; give one")
+    return None if args.unlabelled else args.label_col or default
+
+
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = (
         "label_threshold drop_uncertain id_col val_fraction folds val_fold seed size pad "
@@ -92,7 +104,7 @@ def run_images(args: argparse.Namespace) -> int:
         root=args.root,
         out=args.out,
         path_col=args.path_col,
-        label_col=args.label_col,
+        label_col=_label_col(args, "label"),
         x_col=args.x_col,
         y_col=args.y_col,
         group_col=args.group_col,
@@ -118,7 +130,7 @@ def run_volumes(args: argparse.Namespace) -> int:
         x_col=args.x_col,
         y_col=args.y_col,
         z_col=args.z_col,
-        label_col=args.label_col,
+        label_col=_label_col(args, "class"),
         **_common_kwargs(args),
     )
     return 0
@@ -138,7 +150,7 @@ def add_parser(subparsers: Any) -> None:
     )
     images.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     images.add_argument("--path-col", default="path", help="image path column (default path)")
-    images.add_argument("--label-col", default="label", help="label column (default label)")
+    images.add_argument("--label-col", help="label column (default label)")
     images.add_argument("--x-col", help="candidate x (column, 0-based pixels); with --y-col")
     images.add_argument("--y-col", help="candidate y (row, 0-based pixels); with --x-col")
     images.add_argument(
@@ -190,6 +202,6 @@ def add_parser(subparsers: Any) -> None:
     volumes.add_argument("--x-col", default="coordX", help="world x column in mm (default coordX)")
     volumes.add_argument("--y-col", default="coordY", help="world y column in mm (default coordY)")
     volumes.add_argument("--z-col", default="coordZ", help="world z column in mm (default coordZ)")
-    volumes.add_argument("--label-col", default="class", help="label column (default class)")
+    volumes.add_argument("--label-col", help="label column (default class)")
     _add_common(volumes)
     volumes.set_defaults(func=run_volumes)

@@ -22,10 +22,19 @@ from tqdm import tqdm
 
 from pipeline.convert import split as splitting
 from pipeline.convert.store import REPORT_NAME, TMP_NAME, Chunk, prepare_out, write_splits
-from pipeline.convert.table import ON_ERROR, Candidate, Problem, RowError, read_rows
+from pipeline.convert.table import (
+    ON_ERROR,
+    Candidate,
+    LabelRule,
+    Problem,
+    RowError,
+    cell,
+    read_rows,
+)
 from pipeline.errors import ConfigError, DataError
 
 UNCERTAIN = "uncertain label"
+DEFAULT_VAL_FRACTION = 0.2
 # The report lists this many problems per reason (counts stay exact): a LUNA16 list run
 # against one downloaded subset would otherwise list ~680k "missing scan" rows.
 REPORT_PER_REASON = 1000
@@ -79,13 +88,56 @@ def check_common_args(
             raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
+def check_label_args(
+    label_col: str | None,
+    label_threshold: float | None,
+    drop_uncertain: tuple[float, float] | None,
+    val_fraction: float | None,
+    folds: int | None,
+    val_fold: int | None,
+) -> None:
+    """Unlabelled candidates (label_col None) have no labels to threshold and no split."""
+    if label_col is not None:
+        return
+    for flag, value in (
+        ("--label-threshold", label_threshold),
+        ("--drop-uncertain", drop_uncertain),
+        ("--val-fraction", val_fraction),
+        ("--folds", folds),
+        ("--val-fold", val_fold),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{flag} does not apply to --unlabelled candidates: they have no labels and "
+                "all go to predict-*.tar"
+            )
+
+
+def label_parser(
+    label_col: str | None, label_threshold: float | None, drop_uncertain: tuple[float, float] | None
+) -> Callable[[dict[str, str]], int | None]:
+    """Row -> 0/1, None to drop as uncertain; UNKNOWN_LABEL for every row when unlabelled."""
+    if label_col is None:
+        from pipeline.data.format import UNKNOWN_LABEL
+
+        return lambda row: UNKNOWN_LABEL
+    rule = LabelRule(label_threshold, drop_uncertain)
+    return lambda row: rule.parse(cell(row, label_col))
+
+
 class Conversion:
     """One run: collects candidates, problems and drops, runs tasks, writes shards."""
 
     def __init__(
-        self, csv_path: str | Path, out: str | Path, on_error: str, overwrite: bool
+        self,
+        csv_path: str | Path,
+        out: str | Path,
+        on_error: str,
+        overwrite: bool,
+        labelled: bool = True,
     ) -> None:
         self.csv_path = Path(csv_path)
+        self.labelled = labelled
         self.on_error = on_error
         self.out = Path(out)
         self.replaced = prepare_out(self.out, overwrite)
@@ -135,18 +187,23 @@ class Conversion:
             )
 
     def split(
-        self, val_fraction: float, folds: int | None, val_fold: int | None, seed: int
-    ) -> dict[int, bool]:
+        self, val_fraction: float | None, folds: int | None, val_fold: int | None, seed: int
+    ) -> dict[int, str]:
+        """Split name per row: train/val by group, or `predict` for every unlabelled row."""
         rows = list(self.candidates)
+        if not self.labelled:
+            return dict.fromkeys(rows, "predict")
         mask = splitting.assign_val(
             [self.candidates[r].group for r in rows],
             [self.candidates[r].label for r in rows],
-            val_fraction=val_fraction,
+            val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
             folds=folds,
             val_fold=val_fold,
             seed=seed,
         )
-        return dict(zip(rows, mask.tolist(), strict=True))
+        return {
+            row: "val" if val else "train" for row, val in zip(rows, mask.tolist(), strict=True)
+        }
 
     def run(
         self, worker: Callable[[Any], TaskResult], tasks: Sequence[Any], workers: int, desc: str
@@ -168,7 +225,7 @@ class Conversion:
     def finish(
         self,
         chunks: Sequence[Chunk],
-        is_val: dict[int, bool],
+        split_of: dict[int, str],
         shard_size: int | None,
         block_size: int,
         seed: int,
@@ -181,26 +238,27 @@ class Conversion:
         for path in self.replaced:
             path.unlink(missing_ok=True)
         written = write_splits(
-            self.out, chunks, self.candidates, is_val, shard_size, block_size, seed
+            self.out, chunks, self.candidates, split_of, shard_size, block_size, seed
         )
-        summary = self._summary(written, chunks, is_val)
+        summary = self._summary(written, chunks, split_of)
         (self.out / REPORT_NAME).write_text(json.dumps(summary, indent=2))
         print_summary(summary)
         return summary
 
     def _summary(
-        self, written: dict[str, Any], chunks: Sequence[Chunk], is_val: dict[int, bool]
+        self, written: dict[str, Any], chunks: Sequence[Chunk], split_of: dict[int, str]
     ) -> dict[str, Any]:
         kept = [r for c in chunks for r in c.rows]
         splits = {}
         for name, infos in written.items():
             samples = sum(i.samples for i in infos)
             positives = sum(i.positives for i in infos)
-            groups = {self.candidates[r].group for r in kept if is_val[r] == (name == "val")}
+            groups = {self.candidates[r].group for r in kept if split_of[r] == name}
             splits[name] = {
                 "samples": samples,
                 "positives": positives,
-                "negatives": samples - positives,
+                "negatives": samples - positives if self.labelled else 0,
+                "unlabelled": 0 if self.labelled else samples,
                 "groups": len(groups),
                 "shards": len(infos),
             }
@@ -253,6 +311,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"converted {kept} of {summary['rows']} rows from {summary['csv']} -> {summary['out']} (patches {shape} {summary['dtype']})"
     )
     for name, s in summary["splits"].items():
+        if s.get("unlabelled"):
+            print(
+                f"  {name:5s} {s['samples']:8d} samples  unlabelled (score them with pipeline predict)"
+                f"  {s['groups']} groups  {s['shards']} shard(s)"
+            )
+            continue
         ratio = f"1:{s['negatives'] / s['positives']:.0f}" if s["positives"] else "no positives"
         print(
             f"  {name:5s} {s['samples']:8d} samples  {s['positives']} positive / {s['negatives']} negative ({ratio})"

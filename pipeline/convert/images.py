@@ -21,11 +21,13 @@ from pipeline.convert.driver import (
     Conversion,
     TaskResult,
     check_common_args,
+    check_label_args,
     default_workers,
+    label_parser,
     require,
 )
 from pipeline.convert.store import save_chunks
-from pipeline.convert.table import Candidate, LabelRule, Problem, RowError, cell, parse_float
+from pipeline.convert.table import Candidate, Problem, RowError, cell, parse_float
 from pipeline.errors import ConfigError
 
 # Pillow modes read as they are (bit depth kept); anything else is converted first.
@@ -201,7 +203,7 @@ def convert_images(
     out: str | Path,
     root: str | Path | None = None,
     path_col: str = "path",
-    label_col: str = "label",
+    label_col: str | None = "label",
     label_threshold: float | None = None,
     drop_uncertain: tuple[float, float] | None = None,
     x_col: str | None = None,
@@ -213,7 +215,7 @@ def convert_images(
     pad: str = "constant",
     pad_value: float = 0.0,
     channels: int | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     folds: int | None = None,
     val_fold: int | None = None,
     seed: int = 0,
@@ -223,7 +225,10 @@ def convert_images(
     on_error: str = "skip",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Convert images + CSV into `out/{train,val}-*.tar` + manifest; returns the summary."""
+    """Convert images + CSV into `out/{train,val}-*.tar` + manifest; returns the summary.
+
+    `label_col=None` converts unlabelled candidates (label 255) into `out/predict-*.tar`.
+    """
     require("PIL", "tifffile")
     check_common_args(on_error, size, workers, shard_size, block_size)
     if (x_col is None) != (y_col is None):
@@ -234,12 +239,13 @@ def convert_images(
         )
     if pad not in PAD_MODES:
         raise ConfigError(f"--pad must be one of {PAD_MODES}, got {pad!r}")
-    rule = LabelRule(label_threshold, drop_uncertain)
+    check_label_args(label_col, label_threshold, drop_uncertain, val_fraction, folds, val_fold)
+    parse_label = label_parser(label_col, label_threshold, drop_uncertain)
     workers = workers or default_workers()
     root = Path(root) if root is not None else Path(csv).parent
 
     def parse(line: int, row: dict[str, str]) -> Candidate | None:
-        label = rule.parse(cell(row, label_col))
+        label = parse_label(row)
         if label is None:
             return None
         path = cell(row, path_col)
@@ -255,10 +261,10 @@ def convert_images(
             line, cell(row, id_col) if id_col else f"row{line}", group, label, coords, path
         )
 
-    with Conversion(csv, out, on_error, overwrite) as run:
+    with Conversion(csv, out, on_error, overwrite, labelled=label_col is not None) as run:
         run.collect([path_col, label_col, x_col, y_col, group_col, id_col], parse)
-        is_val = run.split(val_fraction, folds, val_fold, seed)
+        split_of = run.split(val_fraction, folds, val_fold, seed)
         options = ImageOptions(size, pad, pad_value, resize_to, channels)
         tasks = _tasks(list(run.candidates.values()), root, run.tmp, options, workers)
         chunks = run.run(convert_image_task, tasks, workers, desc="convert images")
-        return run.finish(chunks, is_val, shard_size, block_size, seed)
+        return run.finish(chunks, split_of, shard_size, block_size, seed)

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 TMP_NAME = ".convert-tmp"
 REPORT_NAME = "convert_report.json"
+# Output splits, in the order they are written; the index seeds each split's shuffle.
+# `predict` holds unlabelled candidates (label 255), which only `pipeline predict` reads.
+SPLITS = ("train", "val", "predict")
 # Auto shard size: about this many bytes of patches per shard (webdataset's sweet spot).
 AUTO_SHARD_BYTES = 128 * 2**20
 # ...and at least this many shards, enough for 8 GPUs x 8 loader workers (or 64 GPUs x 1).
@@ -66,7 +69,8 @@ def prepare_out(out: str | Path, overwrite: bool) -> list[Path]:
     from pipeline.data.format import MANIFEST_NAME
 
     out = Path(out)
-    old = [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST_NAME, out / REPORT_NAME]
+    shards = [p for split in SPLITS for p in out.glob(f"{split}-*.tar")]
+    old = [*shards, out / MANIFEST_NAME, out / REPORT_NAME]
     old = [p for p in old if p.exists()]
     if old and not overwrite:
         raise DataError(
@@ -120,7 +124,7 @@ def write_splits(
     out: Path,
     chunks: Sequence[Chunk],
     candidates: Mapping[int, Candidate],
-    is_val: Mapping[int, bool],
+    split_of: Mapping[int, str],
     shard_size: int | None,
     block_size: int,
     seed: int,
@@ -133,9 +137,9 @@ def write_splits(
         row: (c, offset) for c, chunk in enumerate(chunks) for offset, row in enumerate(chunk.rows)
     }
     written: dict[str, list[ShardInfo]] = {}
-    for split_index, split in enumerate(("train", "val")):
+    for split_index, split in enumerate(SPLITS):
         # Sorted rows first, so the shuffle depends on the seed only, not on worker timing.
-        rows = sorted(r for r in where if is_val[r] == (split == "val"))
+        rows = sorted(r for r in where if split_of[r] == split)
         if not rows:
             continue
         order = np.random.default_rng([seed, split_index]).permutation(len(rows))

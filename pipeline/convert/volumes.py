@@ -23,11 +23,13 @@ from pipeline.convert.driver import (
     Conversion,
     TaskResult,
     check_common_args,
+    check_label_args,
     default_workers,
+    label_parser,
     require,
 )
 from pipeline.convert.store import save_chunks
-from pipeline.convert.table import Candidate, LabelRule, Problem, RowError, cell, parse_float
+from pipeline.convert.table import Candidate, Problem, RowError, cell, parse_float
 from pipeline.errors import ConfigError, DataError
 
 SCAN_SUFFIXES = (".mhd", ".mha", ".nii.gz", ".nii", ".nrrd")
@@ -159,11 +161,11 @@ def convert_volumes(
     x_col: str = "coordX",
     y_col: str = "coordY",
     z_col: str = "coordZ",
-    label_col: str = "class",
+    label_col: str | None = "class",
     label_threshold: float | None = None,
     drop_uncertain: tuple[float, float] | None = None,
     id_col: str | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     folds: int | None = None,
     val_fold: int | None = None,
     seed: int = 0,
@@ -173,7 +175,10 @@ def convert_volumes(
     on_error: str = "skip",
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Convert scans + candidate list into `out/{train,val}-*.tar` + manifest; returns the summary."""
+    """Convert scans + candidate list into `out/{train,val}-*.tar` + manifest; returns the summary.
+
+    `label_col=None` converts unlabelled candidates (label 255) into `out/predict-*.tar`.
+    """
     require("SimpleITK")
     check_common_args(on_error, size, workers, shard_size, block_size)
     if not spacing > 0:
@@ -188,11 +193,12 @@ def convert_volumes(
         raise ConfigError(f"--pad must be one of {PAD_MODES}, got {pad!r}")
     if not Path(scans).is_dir():
         raise DataError(f"--scans {scans}: not a directory")
-    rule = LabelRule(label_threshold, drop_uncertain)
+    check_label_args(label_col, label_threshold, drop_uncertain, val_fraction, folds, val_fold)
+    parse_label = label_parser(label_col, label_threshold, drop_uncertain)
     workers = workers or default_workers()
 
     def parse(line: int, row: dict[str, str]) -> Candidate | None:
-        label = rule.parse(cell(row, label_col))
+        label = parse_label(row)
         if label is None:
             return None
         uid = cell(row, uid_col)
@@ -203,7 +209,7 @@ def convert_volumes(
             line, cell(row, id_col) if id_col else f"row{line}", uid, label, world, uid
         )
 
-    with Conversion(candidates, out, on_error, overwrite) as run:
+    with Conversion(candidates, out, on_error, overwrite, labelled=label_col is not None) as run:
         run.collect([uid_col, x_col, y_col, z_col, label_col, id_col], parse)
         files = find_scans(scans)
         by_scan: dict[str, list[Candidate]] = defaultdict(list)
@@ -220,7 +226,7 @@ def convert_volumes(
             raise DataError(
                 f"{candidates}: none of its {len(by_scan)} seriesuids has a scan under {scans}"
             )
-        is_val = run.split(val_fraction, folds, val_fold, seed)
+        split_of = run.split(val_fraction, folds, val_fold, seed)
         scans_found = sorted(
             ((uid, cs) for uid, cs in by_scan.items() if uid in files),
             key=lambda kv: -len(kv[1]),  # busiest scans first: no big one left for the end
@@ -240,4 +246,4 @@ def convert_volumes(
             for n, (uid, cs) in enumerate(scans_found)
         ]
         chunks = run.run(convert_scan_task, tasks, workers, desc="convert volumes")
-        return run.finish(chunks, is_val, shard_size, block_size, seed)
+        return run.finish(chunks, split_of, shard_size, block_size, seed)

@@ -128,7 +128,7 @@ def check_block_arrays(
             hint = " (255 = unknown is only for `pipeline predict`)" if unknown else ""
             raise DataError(f"{source}: labels must be 0 or 1{hint}")
         if not _known_or_unknown(label):
-            raise DataError(f"{source}: labels must be 0, 1 or {UNKNOWN_LABEL} (unknown)")
+            raise DataError(f"{source}: labels must be 0 or 1 (or {UNKNOWN_LABEL} = unknown)")
     if patch.dtype.kind == "f" and not np.isfinite(patch).all():
         raise DataError(f"{source}: patch holds NaN or Inf")
 
