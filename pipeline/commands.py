@@ -61,7 +61,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         cfg, model, _ = load_trained(args.checkpoint, args.overrides, device)
         val = resolve(cfg.data).val
-        preds = predict_shards(model, cfg, val, device)
+        preds = predict_shards(model, cfg, val, device, progress="evaluate")
         if distributed.is_main():
             metrics = metrics_of(preds)
             out_dir = eval_dir(Path(args.checkpoint))

@@ -11,10 +11,13 @@ import torch
 from torch import nn
 
 from pipeline import distributed
+from pipeline.data.format import manifest_counts
 from pipeline.data.loader import EvalStream, StreamSpec, build_loader
 from pipeline.data.transforms import DeviceTransform
+from pipeline.errors import DataError
 from pipeline.metrics import binary_metrics
 from pipeline.model import as_logits, probabilities
+from pipeline.tracking.progress import work_progress
 
 
 @dataclass
@@ -51,15 +54,21 @@ def predict_local(
     device: torch.device,
     autocast: contextlib.AbstractContextManager,
     num_workers: int,
+    progress: str | None = None,
 ) -> Predictions:
-    """This rank's share of the shards, in eval mode, no augmentation."""
+    """This rank's share of the shards, in eval mode, no augmentation.
+
+    `progress` names a progress bar over this rank's samples (None: no bar).
+    """
     was_training = model.training
     model.eval()
-    workers = min(num_workers, len(spec.shards[spec.rank :: spec.world_size]))
+    mine = spec.shards[spec.rank :: spec.world_size]
+    workers = min(num_workers, len(mine))
     loader = build_loader(EvalStream(spec), workers, device.type == "cuda", 2)
     labels, logits, ids, groups = [], [], [], []
     bad: dict[int, int] = {}
     have_groups = True
+    bar = work_progress(_samples_in(mine), progress or "", enabled=progress is not None)
     for batch in loader:
         crops = transform(batch["patch"].to(device, non_blocking=True), train=False)
         with autocast:
@@ -73,6 +82,8 @@ def predict_local(
             groups.extend(batch["groups"])
         worker, count = batch["bad_records"].tolist()
         bad[worker] = count
+        bar.update(len(batch["label"]))
+    bar.close()
     model.train(was_training)
     return Predictions(
         np.concatenate(labels) if labels else np.zeros(0, np.uint8),
@@ -81,6 +92,17 @@ def predict_local(
         groups if have_groups else None,
         sum(bad.values()),
     )
+
+
+def _samples_in(shards: list[str]) -> int | None:
+    """Samples in `shards` by their manifest, or None when any is unlisted (bar without total)."""
+    try:
+        listed = manifest_counts(shards)
+    except DataError:
+        return None  # the bar is a nicety; the reader reports a bad manifest where it matters
+    if len(listed) < len(shards):
+        return None
+    return sum(info.samples for info in listed.values())
 
 
 def predict_all(*args, **kwargs) -> Predictions | None:
@@ -100,12 +122,13 @@ def predict_shards(
     shards: list[str],
     device: torch.device,
     allow_unknown: bool = False,
+    progress: str | None = None,
 ) -> Predictions | None:
     """A trained model over `shards` with validation's transform, every rank's share gathered.
 
     What `pipeline evaluate` and `pipeline predict` share; `cfg` is the checkpoint's Config.
-    `allow_unknown` (predict) admits unlabelled samples (label 255). Rank 0 gets the
-    predictions, other ranks None.
+    `allow_unknown` (predict) admits unlabelled samples (label 255). `progress` names the
+    bar rank 0 shows over its share. Rank 0 gets the predictions, other ranks None.
     """
     from pipeline.inference import eval_transform
     from pipeline.runtime import autocast, resolve_precision
@@ -130,4 +153,5 @@ def predict_shards(
             device,
             autocast(precision, device),
             cfg.data.num_workers,
+            progress if env.rank == 0 else None,
         )

@@ -140,7 +140,7 @@ def run_predict(args: argparse.Namespace) -> int:
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         model.to(device)
-        preds = predict_shards(model, cfg, shards, device, allow_unknown=True)
+        preds = predict_shards(model, cfg, shards, device, allow_unknown=True, progress="predict")
         if distributed.is_main():
             columns = rows_of(preds, threshold)
             write_rows(columns, Path(args.out), fmt)

@@ -197,6 +197,9 @@ def test_distributed_evaluation_equals_single_process(torchrun_run):
     assert metrics["count"] == 388 and metrics["positives"] > 0
     assert 0.0 < metrics["auroc"] < 1.0
     assert double.stdout == single.stdout  # every metric, to the last bit
+    # Only rank 0 shows progress, over its own share (rank 1 reads 37).
+    assert "evaluate: 351/351 samples (100%)" in double.stderr
+    assert "evaluate: 37/37" not in double.stderr
 
 
 @pytest.mark.parametrize(

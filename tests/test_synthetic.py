@@ -134,7 +134,9 @@ def test_cli_writes_shards_with_progress_on_a_non_tty(tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "make-synthetic" in done.stderr and "400/400" in done.stderr  # tqdm's final line
+    # Whole lines in log files (no tqdm carriage returns), the last one at 100%.
+    assert "\r" not in done.stderr
+    assert "make-synthetic: 400/400 samples (100%)" in done.stderr
     assert str(tmp_path / MANIFEST_NAME) in done.stdout
     assert len(list(tmp_path.glob("*.tar"))) == 4
 

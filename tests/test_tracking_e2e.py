@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tracking.progress import LineProgress, work_progress
 from tests.conftest import cli_env, run_cli, run_torchrun
 from tests.wandb_offline import read_config, read_history, run_files
 
@@ -112,6 +113,22 @@ def test_progress_in_log_files_is_plain_lines_without_carriage_returns(tiny_shar
     run_dir = tmp_path / "run"
     result = run_cli(_train_args(tiny_shards, run_dir, "train.max_steps=10"), cli_env(tmp_path))
     assert result.returncode == 0
-    assert "\r" not in result.stdout
+    assert "\r" not in result.stdout and "\r" not in result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert lines[0].startswith("step 5/10 loss") and "samples/s" in lines[0] and "eta" in lines[0]
+
+
+def test_work_progress_in_log_files_prints_whole_lines_with_rate_and_eta(capsys):
+    bar = work_progress(1000, "convert volumes")
+    assert isinstance(bar, LineProgress)  # pytest's captured stderr is not a terminal
+    bar.interval = 0.0  # every update prints, as every LOG_LINE_SECONDS would
+    with bar:
+        bar.update(250)
+        bar.update(750)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("convert volumes: 250/1000 samples (25%)") and "eta" in lines[0]
+    assert lines[1].startswith("convert volumes: 1000/1000 samples (100%)") and " in " in lines[1]
+    assert len(lines) == 2  # close() adds nothing once the last count is shown
+    with LineProgress(None, "predict", "sample") as quiet:
+        quiet.update(7)  # within the interval: silent until closed
+    assert capsys.readouterr().err.startswith("predict: 7 samples ")

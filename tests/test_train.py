@@ -68,6 +68,8 @@ def test_evaluate_prints_json_metrics_matching_the_final_eval(trained):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout)
+    # The progress of the evaluation goes to stderr (stdout stays pure JSON), in whole lines.
+    assert "evaluate: 512/512 samples (100%)" in result.stderr and "\r" not in result.stderr
     for key in (
         "auroc",
         "ap",

@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.convert import split as splitting
 from pipeline.convert.store import REPORT_NAME, TMP_NAME, Chunk, prepare_out, write_splits
 from pipeline.convert.table import (
@@ -32,6 +30,7 @@ from pipeline.convert.table import (
     read_rows,
 )
 from pipeline.errors import ConfigError, DataError
+from pipeline.tracking.progress import work_progress
 
 UNCERTAIN = "uncertain label"
 DEFAULT_VAL_FRACTION = 0.2
@@ -213,7 +212,7 @@ class Conversion:
         total = len(self.candidates)
         # closing(): on --on-error fail the pool is shut down before the error propagates.
         with (
-            tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True) as bar,
+            work_progress(total, desc) as bar,
             closing(_results(worker, tasks, min(workers, len(tasks)))) as results,
         ):
             for result in results:

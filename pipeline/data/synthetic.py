@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.config import SyntheticConfig
 from pipeline.data.format import MANIFEST_NAME, ShardInfo, update_manifest, write_shard
 from pipeline.data.phantoms import KINDS, NEGATIVE_KINDS, POSITIVE_KINDS, render
 from pipeline.errors import ConfigError
+from pipeline.tracking.progress import work_progress
 
 # Bump when the rendering changes, so caches keyed on it are regenerated, not reused.
 GENERATOR_VERSION = 2
@@ -173,13 +173,7 @@ def make_synthetic(
     all_jobs.sort(key=lambda job: -job.samples)
     workers = max(1, min(workers or os.cpu_count() or 1, len(all_jobs)))
     infos: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
-    bar = tqdm(
-        total=n_train + n_val,
-        unit="sample",
-        desc="make-synthetic",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = work_progress(n_train + n_val, "make-synthetic", enabled=progress)
     with bar:
         if workers == 1:
             for job in all_jobs:

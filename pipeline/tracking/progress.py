@@ -1,11 +1,18 @@
-"""Rank-0 progress: a tqdm bar on a terminal, plain periodic lines in log files."""
+"""Progress: a tqdm bar on a terminal, plain periodic lines in log files.
+
+`Progress` is training's (rank 0, step-based); `work_progress` serves everything else that
+takes a while (make-synthetic, convert, evaluate, predict).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
+
+LOG_LINE_SECONDS = 30.0
 
 
 def _duration(seconds: float) -> str:
@@ -65,3 +72,63 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class LineProgress:
+    """tqdm's `update`/`close` for log files: one plain line every `interval` seconds.
+
+    tqdm redraws with carriage returns even when stderr is a file, which fills SLURM logs
+    with partial lines; this prints whole lines, and a last one when closed.
+    """
+
+    def __init__(
+        self, total: int | None, desc: str, unit: str, interval: float = LOG_LINE_SECONDS
+    ) -> None:
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n = 0
+        self.started = self.last = time.monotonic()
+        self.shown = 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.n / elapsed
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        parts = [f"{self.desc}: {done} {self.unit}s"]
+        if self.total:
+            parts.append(f"({100 * self.n / self.total:.0f}%)")
+        parts.append(f"{rate:,.0f} {self.unit}/s")
+        if self.total and rate > 0 and self.n < self.total:
+            parts.append(f"eta {_duration((self.total - self.n) / rate)}")
+        elif self.n >= (self.total or self.n):
+            parts.append(f"in {_duration(elapsed)}")
+        print(" ".join(parts), file=sys.stderr, flush=True)
+        self.last, self.shown = now, self.n
+
+    def close(self) -> None:
+        if self.n != self.shown:
+            self._line(time.monotonic())
+            self.shown = self.n
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def work_progress(total: int | None, desc: str, unit: str = "sample", enabled: bool = True) -> Any:
+    """A bar for long work: tqdm on a terminal, LineProgress in log files, nothing if disabled.
+
+    Either way the object has `update(n)`, `close()` and works as a context manager.
+    """
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    return LineProgress(total, desc, unit)
