@@ -219,9 +219,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.runtime import setup_logging
+    from pipeline.runtime import check_output_file, setup_logging
 
     setup_logging(0)
+    check_output_file(args.out, "--out")
     error = export(
         args.checkpoint,
         args.format,

@@ -125,12 +125,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from pipeline.data.format import expand_shards
     from pipeline.evaluate import predict_shards
     from pipeline.inference import load_trained
-    from pipeline.runtime import setup_logging
+    from pipeline.runtime import check_output_file, setup_logging
 
     env = distributed.detect_env()
     setup_logging(env.rank)
     # Every user error surfaces here, on every rank, before a process group exists.
     fmt = output_format(args.out)
+    check_output_file(args.out, "--out")
     shards = expand_shards(args.shards, "--shards")
     cfg, model, state = load_trained(args.checkpoint, args.overrides)
     spec_value = args.threshold if args.threshold is not None else cfg.predict.threshold

@@ -69,6 +69,21 @@ def resolve_run_dir(requested: str | None) -> Path:
     return path
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Fail fast, in one line, when `path` cannot be written: before the work, not after it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.write-test-{os.getpid()}")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+    return path
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(

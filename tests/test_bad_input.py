@@ -68,6 +68,23 @@ CASES: dict[str, tuple] = {
         ["evaluate", "--checkpoint", "{tmp}/not-a-checkpoint.pt"],
         ["{tmp}/not-a-checkpoint.pt", "corrupt or not ours"],
     ),
+    "predict output that cannot be written": (
+        # Checked before the checkpoint is even read: no scoring hours lost at the end.
+        [
+            "predict",
+            "--checkpoint",
+            "{tmp}/gone.pt",
+            "--shards",
+            "{data}/val-*.tar",
+            "--out",
+            "{tmp}/a-file/preds.csv",
+        ],
+        ["--out {tmp}/a-file/preds.csv", "cannot write there"],
+    ),  # fmt: skip
+    "export output that is a directory": (
+        ["export", "--checkpoint", "{tmp}/gone.pt", "--format", "onnx", "--out", "{tmp}"],
+        ["--out {tmp}", "is a directory"],
+    ),
 }
 
 

@@ -136,6 +136,8 @@ class Conversion:
         labelled: bool = True,
     ) -> None:
         self.csv_path = Path(csv_path)
+        if not self.csv_path.is_file():  # before OUT is created: a typo leaves nothing behind
+            raise DataError(f"{self.csv_path}: CSV file not found")
         self.labelled = labelled
         self.on_error = on_error
         self.out = Path(out)
