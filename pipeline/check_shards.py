@@ -4,8 +4,10 @@ Each record goes through the loader's own reader (`read_blocks` -> `format.decod
 so a shard that passes here is one that training reads without a skip. Per shard it
 reports blocks, samples, positives, sample shape and dtype; it compares the counts with
 `manifest.json` where one lists the shard, and flags shards whose sample shape differs
-from the rest (they would break batching). Exit 0 when clean, 1 when any problem is
-found, 2 when a pattern matches no file.
+from the rest (they would break batching). Unlabelled samples (label 255) are counted, not
+flagged, only in shards meant for `pipeline predict`: `predict-*.tar` (what `convert
+--unlabelled` writes), or any shard with `--unlabelled`. Exit 0 when clean, 1 when any
+problem is found, 2 when a pattern matches no file.
 """
 
 from __future__ import annotations
@@ -53,12 +55,19 @@ class _Collected(ProblemLog):
         self.reasons.append(reason)
 
 
-def check_shard(path: str) -> ShardReport:
-    """Read every record of one shard; bad records become problems, never exceptions."""
+PREDICT_PREFIX = "predict-"
+
+
+def check_shard(path: str, unlabelled: bool = False) -> ShardReport:
+    """Read every record of one shard; bad records become problems, never exceptions.
+
+    Label 255 (unknown) is admitted with `unlabelled` or in a `predict-*.tar` shard only.
+    """
     report, problems = ShardReport(path), _Collected()
     shapes: Counter[str] = Counter()
     dtypes: set[str] = set()
-    for block in read_blocks([path], "skip", problems, meta=True, allow_unknown=True):
+    allow_unknown = unlabelled or os.path.basename(path).startswith(PREDICT_PREFIX)
+    for block in read_blocks([path], "skip", problems, meta=True, allow_unknown=allow_unknown):
         report.blocks += 1
         report.samples += len(block)
         report.positives += int(np.count_nonzero(block.label == 1))
@@ -69,9 +78,9 @@ def check_shard(path: str) -> ShardReport:
     return report
 
 
-def check_shards(paths: list[str]) -> list[ShardReport]:
+def check_shards(paths: list[str], unlabelled: bool = False) -> list[ShardReport]:
     """Reports for `paths`, cross-checked against manifests and against each other."""
-    reports = [check_shard(path) for path in paths]
+    reports = [check_shard(path, unlabelled) for path in paths]
     try:
         listed = manifest_counts(paths)
     except DataError as exc:  # a malformed manifest is a problem of every shard it covers
@@ -108,10 +117,10 @@ def check_shards(paths: list[str]) -> list[ShardReport]:
     return reports
 
 
-def _balance(samples: int, positives: int) -> str:
-    if samples == 0:
+def _balance(labelled: int, positives: int) -> str:
+    if labelled == 0:
         return "-"
-    return f"{100 * positives / samples:.1f}%"
+    return f"{100 * positives / labelled:.1f}%"
 
 
 def format_table(reports: list[ShardReport]) -> str:
@@ -129,21 +138,22 @@ def format_table(reports: list[ShardReport]) -> str:
     for name, shape, r in zip(names, shapes, reports, strict=True):
         lines.append(
             f"{name:<{width}}  {r.blocks:>7}  {r.samples:>9}  {r.positives:>9}  "
-            f"{_balance(r.samples, r.positives):>6}  {shape:<{shape_width}}  "
+            f"{_balance(r.samples - r.unlabelled, r.positives):>6}  {shape:<{shape_width}}  "
             f"{','.join(r.dtypes) or '-':<8}  {len(r.problems)}"
         )
     samples = sum(r.samples for r in reports)
     positives = sum(r.positives for r in reports)
+    unlabelled = sum(r.unlabelled for r in reports)
     problems = [p for r in reports for p in r.problems]
     lines.append("-" * len(header))
     lines.append(
         f"{f'total ({len(reports)} shards)':<{width}}  {sum(r.blocks for r in reports):>7}  "
-        f"{samples:>9}  {positives:>9}  {_balance(samples, positives):>6}"
+        f"{samples:>9}  {positives:>9}  {_balance(samples - unlabelled, positives):>6}"
     )
-    unlabelled = sum(r.unlabelled for r in reports)
     negatives = samples - positives - unlabelled
-    ratio = f"1:{negatives / positives:.1f}" if positives else "no positives"
-    lines.append(f"class balance: {positives} positive, {negatives} negative ({ratio})")
+    if positives + negatives or not unlabelled:
+        ratio = f"1:{negatives / positives:.1f}" if positives else "no positives"
+        lines.append(f"class balance: {positives} positive, {negatives} negative ({ratio})")
     if unlabelled:
         lines.append(
             f"{unlabelled} unlabelled samples (label {UNKNOWN_LABEL}): `pipeline predict` scores "
@@ -179,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     paths: list[str] = []
     for pattern in args.patterns:
         paths.extend(expand_shards(pattern, "check-shards PATTERN"))
-    reports = check_shards(list(dict.fromkeys(paths)))
+    reports = check_shards(list(dict.fromkeys(paths)), args.unlabelled)
     if args.json:
         json.dump(to_json(reports), sys.stdout, indent=2)
         print()
@@ -201,4 +211,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="shard files: globs and brace ranges, e.g. 'shards/train-{000000..000099}.tar'",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report instead")
+    parser.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="shards to score with `pipeline predict`: label 255 (unknown) is fine "
+        "(always so for predict-*.tar)",
+    )
     parser.set_defaults(func=run)

@@ -68,22 +68,22 @@ def predict_local(
     labels, logits, ids, groups = [], [], [], []
     bad: dict[int, int] = {}
     have_groups = True
-    bar = work_progress(_samples_in(mine), progress or "", enabled=progress is not None)
-    for batch in loader:
-        crops = transform(batch["patch"].to(device, non_blocking=True), train=False)
-        with autocast:
-            out = as_logits(model(*crops))
-        logits.append(out.float().cpu().numpy())
-        labels.append(batch["label"].numpy())
-        ids.extend(batch["ids"])
-        if batch["groups"] is None:
-            have_groups = False
-        else:
-            groups.extend(batch["groups"])
-        worker, count = batch["bad_records"].tolist()
-        bad[worker] = count
-        bar.update(len(batch["label"]))
-    bar.close()
+    total = _samples_in(mine) if progress is not None else None
+    with work_progress(total, progress or "", enabled=progress is not None) as bar:
+        for batch in loader:
+            crops = transform(batch["patch"].to(device, non_blocking=True), train=False)
+            with autocast:
+                out = as_logits(model(*crops))
+            logits.append(out.float().cpu().numpy())
+            labels.append(batch["label"].numpy())
+            ids.extend(batch["ids"])
+            if batch["groups"] is None:
+                have_groups = False
+            else:
+                groups.extend(batch["groups"])
+            worker, count = batch["bad_records"].tolist()
+            bad[worker] = count
+            bar.update(len(batch["label"]))
     model.train(was_training)
     return Predictions(
         np.concatenate(labels) if labels else np.zeros(0, np.uint8),
@@ -98,7 +98,7 @@ def _samples_in(shards: list[str]) -> int | None:
     """Samples in `shards` by their manifest, or None when any is unlisted (bar without total)."""
     try:
         listed = manifest_counts(shards)
-    except DataError:
+    except (DataError, OSError):
         return None  # the bar is a nicety; the reader reports a bad manifest where it matters
     if len(listed) < len(shards):
         return None

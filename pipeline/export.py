@@ -222,11 +222,11 @@ def run_export(args: argparse.Namespace) -> int:
     from pipeline.runtime import check_output_file, setup_logging
 
     setup_logging(0)
-    check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out")
     error = export(
         args.checkpoint,
         args.format,
-        args.out,
+        out,
         probabilities=args.probabilities,
         single_input=args.single_input,
         dtype=args.dtype,
@@ -240,5 +240,5 @@ def run_export(args: argparse.Namespace) -> int:
     )
     inputs = "one stored-dtype patch" if args.single_input else "three normalised crops"
     output = "probabilities" if args.probabilities else "logits"
-    print(f"wrote {args.format} to {args.out}: {inputs} -> {output} [B]; {checked}", flush=True)
+    print(f"wrote {args.format} to {out}: {inputs} -> {output} [B]; {checked}", flush=True)
     return 0

@@ -131,7 +131,7 @@ def run_predict(args: argparse.Namespace) -> int:
     setup_logging(env.rank)
     # Every user error surfaces here, on every rank, before a process group exists.
     fmt = output_format(args.out)
-    check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "--out")
     shards = expand_shards(args.shards, "--shards")
     cfg, model, state = load_trained(args.checkpoint, args.overrides)
     spec_value = args.threshold if args.threshold is not None else cfg.predict.threshold
@@ -144,11 +144,11 @@ def run_predict(args: argparse.Namespace) -> int:
         preds = predict_shards(model, cfg, shards, device, allow_unknown=True, progress="predict")
         if distributed.is_main():
             columns = rows_of(preds, threshold)
-            write_rows(columns, Path(args.out), fmt)
+            write_rows(columns, out, fmt)
             if preds.bad_records:
                 log.warning("skipped %d unreadable records (data.on_error=skip)", preds.bad_records)
             print(
-                f"wrote {len(preds.ids)} predictions from {len(shards)} shards to {args.out} "
+                f"wrote {len(preds.ids)} predictions from {len(shards)} shards to {out} "
                 f"(threshold {spec_value} = {threshold:.6g}; "
                 f"{sum(columns['predicted'])} predicted positive, "
                 f"{columns['label'].count(None)} unlabelled)",

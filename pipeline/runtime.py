@@ -70,10 +70,15 @@ def resolve_run_dir(requested: str | None) -> Path:
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
-    """Fail fast, in one line, when `path` cannot be written: before the work, not after it."""
+    """Fail fast, in one line, when `path` cannot be written: before the work, not after it.
+
+    Probes with a real file (permissions alone miss read-only mounts and root), then removes
+    the probe and any folders it had to create, so a later error leaves nothing behind.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+    created = [p for p in path.parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(f".{path.name}.write-test-{os.getpid()}")
@@ -81,6 +86,10 @@ def check_output_file(path: str | Path, flag: str) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return path
 
 

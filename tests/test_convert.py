@@ -547,6 +547,15 @@ def test_unlabelled_candidates_go_to_predict_shards_with_unknown_labels(tmp_path
     (report,) = check_shards([str(p) for p in out.glob("predict-*.tar")])
     assert (report.samples, report.positives, report.unlabelled, report.problems) == (6, 0, 6, [])
     assert "6 unlabelled samples (label 255)" in format_table([report])
+    # The same records under a training shard's name are what training would skip: flagged,
+    # unless the caller says the shards are meant for predict.
+    elsewhere = tmp_path / "elsewhere" / "train-000000.tar"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(next(out.glob("predict-*.tar")).read_bytes())
+    (flagged,) = check_shards([str(elsewhere)])
+    assert flagged.unlabelled == 0 and "255 = unknown is only for" in flagged.problems[0]
+    (admitted,) = check_shards([str(elsewhere)], unlabelled=True)
+    assert (admitted.samples, admitted.unlabelled, admitted.problems) == (6, 6, [])
 
     # Label and split flags make no sense without labels: one line each, exit 2, nothing written.
     for extra, words in (
@@ -554,6 +563,7 @@ def test_unlabelled_candidates_go_to_predict_shards_with_unknown_labels(tmp_path
         (["--folds", "2", "--val-fold", "0"], "--folds does not apply to --unlabelled"),
         (["--val-fraction", "0.3"], "--val-fraction does not apply to --unlabelled"),
         (["--label-threshold", "0.5"], "--label-threshold does not apply to --unlabelled"),
+        (["--drop-uncertain", "0.2,0.8"], "--drop-uncertain does not apply to --unlabelled"),
     ):
         assert cli([*base, "--out", str(tmp_path / "refused"), "--unlabelled", *extra]) == 2
         err = capsys.readouterr().err.strip()

@@ -24,7 +24,7 @@ def test_images_csv_converts_trains_and_evaluates(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     rows = []
-    for index, (patch, label) in enumerate(zip(patches, labels, strict=True)):  # 500 to learn
+    for index, (patch, label) in enumerate(zip(patches, labels, strict=True)):
         name = f"images/cand{index:04d}.png"
         Image.fromarray(patch[0]).save(tmp_path / name)
         rows.append([name, int(label), f"patient{index // 6:03d}"])

@@ -132,3 +132,7 @@ def test_work_progress_in_log_files_prints_whole_lines_with_rate_and_eta(capsys)
     with LineProgress(None, "predict", "sample") as quiet:
         quiet.update(7)  # within the interval: silent until closed
     assert capsys.readouterr().err.startswith("predict: 7 samples ")
+    with LineProgress(5, "evaluate", "sample") as short:
+        short.update(3)  # skipped records: fewer samples than the manifest said
+    (last,) = capsys.readouterr().err.splitlines()
+    assert last.startswith("evaluate: 3/5 samples (60%)") and " in " in last and "eta" not in last

@@ -95,7 +95,7 @@ class LineProgress:
         if now - self.last >= self.interval:
             self._line(now)
 
-    def _line(self, now: float) -> None:
+    def _line(self, now: float, final: bool = False) -> None:
         elapsed = max(now - self.started, 1e-9)
         rate = self.n / elapsed
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
@@ -103,17 +103,16 @@ class LineProgress:
         if self.total:
             parts.append(f"({100 * self.n / self.total:.0f}%)")
         parts.append(f"{rate:,.0f} {self.unit}/s")
-        if self.total and rate > 0 and self.n < self.total:
-            parts.append(f"eta {_duration((self.total - self.n) / rate)}")
-        elif self.n >= (self.total or self.n):
+        if final or (self.total and self.n >= self.total):  # final: may end short of total
             parts.append(f"in {_duration(elapsed)}")
+        elif self.total and rate > 0 and self.n < self.total:
+            parts.append(f"eta {_duration((self.total - self.n) / rate)}")
         print(" ".join(parts), file=sys.stderr, flush=True)
         self.last, self.shown = now, self.n
 
     def close(self) -> None:
         if self.n != self.shown:
-            self._line(time.monotonic())
-            self.shown = self.n
+            self._line(time.monotonic(), final=True)
 
     def __enter__(self) -> LineProgress:
         return self
