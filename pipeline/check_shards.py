@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.format import UNKNOWN_LABEL, expand_shards, manifest_counts
+from pipeline.data.format import PREDICT_SPLIT, UNKNOWN_LABEL, expand_shards, manifest_counts
 from pipeline.data.loader import read_blocks
 from pipeline.data.problems import ProblemLog
 from pipeline.errors import DataError
@@ -55,9 +55,6 @@ class _Collected(ProblemLog):
         self.reasons.append(reason)
 
 
-PREDICT_PREFIX = "predict-"
-
-
 def check_shard(path: str, unlabelled: bool = False) -> ShardReport:
     """Read every record of one shard; bad records become problems, never exceptions.
 
@@ -66,7 +63,7 @@ def check_shard(path: str, unlabelled: bool = False) -> ShardReport:
     report, problems = ShardReport(path), _Collected()
     shapes: Counter[str] = Counter()
     dtypes: set[str] = set()
-    allow_unknown = unlabelled or os.path.basename(path).startswith(PREDICT_PREFIX)
+    allow_unknown = unlabelled or os.path.basename(path).startswith(f"{PREDICT_SPLIT}-")
     for block in read_blocks([path], "skip", problems, meta=True, allow_unknown=allow_unknown):
         report.blocks += 1
         report.samples += len(block)

@@ -49,6 +49,12 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _probe_write(probe: Path) -> None:
+    """Write and remove a small file: permissions alone miss read-only mounts and root."""
+    probe.write_text("ok")
+    probe.unlink()
+
+
 def resolve_run_dir(requested: str | None) -> Path:
     """The configured dir, or runs/<SLURM job id | timestamp>, agreed by all ranks."""
     if requested:
@@ -60,9 +66,7 @@ def resolve_run_dir(requested: str | None) -> Path:
     try:
         if distributed.is_main():
             (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            _probe_write(path / ".write-test")
     except OSError as exc:
         raise ConfigError(f"run.dir: cannot write to {path} ({exc.strerror})") from None
     distributed.barrier()
@@ -72,8 +76,8 @@ def resolve_run_dir(requested: str | None) -> Path:
 def check_output_file(path: str | Path, flag: str) -> Path:
     """Fail fast, in one line, when `path` cannot be written: before the work, not after it.
 
-    Probes with a real file (permissions alone miss read-only mounts and root), then removes
-    the probe and any folders it had to create, so a later error leaves nothing behind.
+    Probes with a real file, then removes the probe and any folders it had to create, so a
+    later error leaves nothing behind.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -81,9 +85,7 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     created = [p for p in path.parents if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.write-test-{os.getpid()}")
-        probe.write_text("ok")
-        probe.unlink()
+        _probe_write(path.with_name(f".{path.name}.write-test-{os.getpid()}"))
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
     finally:

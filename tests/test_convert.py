@@ -539,6 +539,10 @@ def test_unlabelled_candidates_go_to_predict_shards_with_unknown_labels(tmp_path
     assert samples["c10"]["patch"][0, 4, 4, 4] == 255  # the bright sphere, centred
     manifest = json.loads((out / "manifest.json").read_text())["splits"]
     assert list(manifest) == ["predict"] and manifest["predict"]["samples"] == 6
+    from pipeline.convert import store
+    from pipeline.data import format as shard_format
+
+    assert store.PREDICT_SPLIT == shard_format.PREDICT_SPLIT  # spelled twice (import cost)
     assert manifest["predict"]["positives"] == 0
 
     # check-shards counts them as unlabelled, not as problems or positives.

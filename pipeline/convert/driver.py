@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.convert import split as splitting
-from pipeline.convert.store import REPORT_NAME, TMP_NAME, Chunk, prepare_out, write_splits
+from pipeline.convert.store import (
+    PREDICT_SPLIT,
+    REPORT_NAME,
+    TMP_NAME,
+    Chunk,
+    prepare_out,
+    write_splits,
+)
 from pipeline.convert.table import (
     ON_ERROR,
     Candidate,
@@ -193,7 +200,7 @@ class Conversion:
         """Split name per row: train/val by group, or `predict` for every unlabelled row."""
         rows = list(self.candidates)
         if not self.labelled:
-            return dict.fromkeys(rows, "predict")
+            return dict.fromkeys(rows, PREDICT_SPLIT)
         mask = splitting.assign_val(
             [self.candidates[r].group for r in rows],
             [self.candidates[r].label for r in rows],

@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 TMP_NAME = ".convert-tmp"
 REPORT_NAME = "convert_report.json"
 # Output splits, in the order they are written; the index seeds each split's shuffle.
-# `predict` holds unlabelled candidates (label 255), which only `pipeline predict` reads.
+# The last is format.PREDICT_SPLIT (unlabelled candidates), spelled out here because
+# importing pipeline.data.format pulls in webdataset and torch (~3 s per convert start).
 SPLITS = ("train", "val", "predict")
+PREDICT_SPLIT = SPLITS[-1]
 # Auto shard size: about this many bytes of patches per shard (webdataset's sweet spot).
 AUTO_SHARD_BYTES = 128 * 2**20
 # ...and at least this many shards, enough for 8 GPUs x 8 loader workers (or 64 GPUs x 1).

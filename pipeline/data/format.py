@@ -37,6 +37,8 @@ _ALLOWED = frozenset(np.dtype(name) for name in ALLOWED_DTYPES)
 # Members that would need pickle to decode; a shard carrying them is refused, never loaded.
 PICKLE_SUFFIXES = (".pyd", ".pth", ".pt", ".pickle", ".pkl")
 UNKNOWN_LABEL = 255
+# The split of unlabelled samples (`convert --unlabelled`): read only by `pipeline predict`.
+PREDICT_SPLIT = "predict"
 
 
 @dataclass

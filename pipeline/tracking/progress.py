@@ -105,7 +105,7 @@ class LineProgress:
         parts.append(f"{rate:,.0f} {self.unit}/s")
         if final or (self.total and self.n >= self.total):  # final: may end short of total
             parts.append(f"in {_duration(elapsed)}")
-        elif self.total and rate > 0 and self.n < self.total:
+        elif self.total and rate > 0:
             parts.append(f"eta {_duration((self.total - self.n) / rate)}")
         print(" ".join(parts), file=sys.stderr, flush=True)
         self.last, self.shown = now, self.n
