@@ -6,8 +6,9 @@ ratios hold even on a noisy shared machine (absolute numbers do not). One worker
 process running the reader, as a DataLoader worker does; rows with 1 and N DataLoader
 workers add the cost of shipping batches to the trainer. Prints one line per
 measurement, then, as its last line, one JSON object: `samples_per_s` per reader,
-`speedup_vs_per_sample` and `fraction_of_raw_read` (2D, one worker, K=256), every row,
-peak RSS per worker for several shuffle buffers, and the machine.
+`speedup_vs_per_sample` and `fraction_of_raw_read` (2D, one worker, K=256, the config's
+shuffle buffer), every row, the speed and peak RSS per worker for several shuffle buffers
+and block sizes, and the machine.
 
     python scripts/bench_loader.py                 # 2D and 3D, about 2 min on 2 cores
     python scripts/bench_loader.py --dims 2 --quick
@@ -34,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.format import write_split  # noqa: E402
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader  # noqa: E402
 
@@ -48,6 +50,7 @@ PLANS = {
         "blocks": (64, 256, 1024),
         "k": 256,
         "memory": (1, 16, 64),
+        "shuffle": (4, 8, 16, 32),
         "batch": 256,
     },
     3: {
@@ -56,6 +59,7 @@ PLANS = {
         "blocks": (16, 64),
         "k": 64,
         "memory": (1, 4, 16),
+        "shuffle": (2, 8),
         "batch": 32,
     },
 }
@@ -239,7 +243,7 @@ def through_loader(batches: Any, seconds: float) -> dict[str, Any]:
 def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]) -> dict:
     plan = dict(PLANS[dims])
     if args.quick:
-        plan.update(samples=2048 if dims == 2 else 128, blocks=(plan["k"],))
+        plan.update(samples=2048 if dims == 2 else 128, blocks=(plan["k"],), shuffle=(1, 4))
     data = write_data(root / f"{dims}d", dims, plan["samples"], plan["dtype"], plan["blocks"])
     sample_bytes, k, n_workers = data["sample_bytes"], plan["k"], args.workers
     batch = args.batch or plan["batch"]
@@ -265,7 +269,8 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
         return row
 
     # Host memory per worker is set by the shuffle buffer: growth over a 1-block buffer
-    # should track 2 x buffer (the arena being filled + the one finishing its batches).
+    # should stay within one buffer when it holds whole batches (its memory is recycled as
+    # its last batch leaves), else two (the one being filled + the one finishing a batch).
     # Measured first, while this process holds little that forked workers would inherit.
     memory = []
     for blocks in (1, 4) if args.quick else plan["memory"]:
@@ -287,7 +292,10 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
                 "growth_over_1_block_mib": round(peak - memory[0]["worker_peak_rss_mib"], 1)
                 if memory
                 else 0.0,
-                "expected_growth_mib": round(2 * (buffer_mib - memory[0]["buffer_mib"]), 1)
+                "expected_growth_mib": round(
+                    (1 if blocks * k % batch == 0 else 2) * (buffer_mib - memory[0]["buffer_mib"]),
+                    1,
+                )
                 if memory
                 else 0.0,
             }
@@ -332,6 +340,30 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
             }
         )
 
+    # Shuffle buffer: the batch gather reads it, fast while it fits in cache.
+    shuffle_sizes = []
+    rates = interleaved(
+        {"raw_read": raw_reader(data["block"][k], data["n"])}
+        | {
+            f"shuffle_{blocks}": stream_reader(project_stream(data["block"][k], batch, blocks))
+            for blocks in plan["shuffle"]
+        },
+        max(2, args.rounds // 2),
+        args.seconds,
+    )
+    for blocks in plan["shuffle"]:
+        result = rates[f"shuffle_{blocks}"]
+        row = record("project", result, workers="1 (in-process)", k=k, shuffle_blocks=blocks)
+        shuffle_sizes.append(
+            {
+                "shuffle_blocks": blocks,
+                "buffer_mib": round(blocks * k * sample_bytes / 2**20, 1),
+                "samples_per_s": row["samples_per_s"],
+                "fraction_of_raw_read": result["samples_per_s"]
+                / rates["raw_read"]["samples_per_s"],
+            }
+        )
+
     # Through DataLoader workers: what the trainer receives, shipping included.
     loaders = {}
     for workers in sorted({1, n_workers}):
@@ -352,6 +384,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
         "batch": batch,
         "sample_bytes": sample_bytes,
         "block_sizes": block_sizes,
+        "shuffle_sizes": shuffle_sizes,
         "dataloader_samples_per_s": loaders,
         "memory": memory,
         "samples": plan["samples"],
@@ -365,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="the N in N workers"
     )
-    parser.add_argument("--shuffle-blocks", type=int, default=16)
+    parser.add_argument(
+        "--shuffle-blocks", type=int, default=DataConfig.shuffle_blocks, help="config default"
+    )
     parser.add_argument("--seconds", type=float, default=1.0, help="timed slice per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison")
     parser.add_argument("--quick", action="store_true", help="tiny data, one K, short slices")

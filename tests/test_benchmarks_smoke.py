@@ -41,6 +41,9 @@ def test_both_benchmarks_print_json_with_the_required_keys(tmp_path):
     memory = result["per_dims"]["2d"]["memory"]
     assert [m["shuffle_blocks"] for m in memory] == [1, 4]
     assert all(m["worker_peak_rss_mib"] > 0 for m in memory)
+    shuffle = result["per_dims"]["2d"]["shuffle_sizes"]
+    assert [s["shuffle_blocks"] for s in shuffle] == [1, 4]
+    assert all(s["fraction_of_raw_read"] > 0 for s in shuffle)
     for key in ("cpu_count", "cpu_model", "torch", "date"):
         assert result["machine"][key]
 

@@ -18,9 +18,10 @@ import pytest
 import webdataset as wds
 
 from pipeline.data import arena as arena_module
+from pipeline.data import loader as loader_module
 from pipeline.data.format import encode_block, write_shard
 from pipeline.data.loader import EvalStream, StreamSpec, worker_batches
-from pipeline.data.tar_records import tar_records
+from pipeline.data.tar_records import byte_sum, tar_records
 from tests.conftest import ROOT
 
 
@@ -84,6 +85,25 @@ def test_cut_or_foreign_files_raise_instead_of_ending_quietly(tmp_path):
         list(tar_records(str(tmp_path / "junk.tar")))
 
 
+def test_byte_sum_is_the_plain_sum_of_any_header():
+    rng = np.random.default_rng(0)
+    headers = [rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(3000)]
+    # The extremes of the 0..130,560 range, and sums on both sides of adler32's 65521.
+    headers += [b"\xff" * 512, b"\0" * 512, b"\x01" + b"\0" * 511]
+    headers += [b"\xff" * n + b"\0" * (512 - n) for n in (256, 257, 258, 511)]
+    assert [byte_sum(h) for h in headers] == [sum(h) for h in headers]
+
+
+def test_a_flipped_header_byte_is_caught_by_the_checksum(tmp_path):
+    path = tmp_path / "good.tar"
+    write_shard(path, np.zeros((32, 1, 8, 8), np.uint8), np.zeros(32, np.uint8), list("x" * 32))
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x04  # a letter of the first member's name
+    path.write_bytes(bytes(data))
+    with pytest.raises(tarfile.ReadError, match="invalid tar header at byte 0"):
+        list(tar_records(str(path)))
+
+
 def _odd_shards(tmp_path) -> list[str]:
     """Blocks of 16 and of 100 in different shards, and a record that fails to decode."""
     rng = np.random.default_rng(0)
@@ -129,6 +149,36 @@ def test_arena_gives_the_same_stream_as_concatenating(tmp_path, monkeypatch):
     for (blocks, skip), batches in fast.items():
         assert _stream(shards, blocks, skip) == batches, (blocks, skip)
     assert used  # the slow path really ran
+
+
+@pytest.mark.parametrize(("blocks", "most"), [(1, 3), (4, 2)])
+def test_arena_memory_is_recycled_not_reallocated(tmp_path, monkeypatch, blocks, most):
+    # A batch of 40 spans three 16-sample buffers (blocks=1), or at most two of 64.
+    arenas: list = []
+
+    class Counted(arena_module.Arena):
+        def __init__(self, blocks: int) -> None:
+            super().__init__(blocks)
+            self.taken = 0
+            arenas.append(self)
+
+        def take(self, patches):
+            self.taken += 1
+            return super().take(patches)
+
+    monkeypatch.setattr(loader_module, "Arena", Counted)
+    rng = np.random.default_rng(0)
+    shards = []
+    for i in range(2):
+        shards.append(str(tmp_path / f"u-{i}.tar"))
+        patch = rng.integers(0, 255, (160, 1, 8, 8), dtype=np.uint8)
+        write_shard(shards[-1], patch, np.zeros(160, np.uint8), list("x" * 160), block_size=16)
+    batches = worker_batches(StreamSpec(shards, 40, seed=1, shuffle_blocks=blocks), 0, 1, 0)
+    for _ in range(36):  # 4.5 epochs
+        next(batches)
+    (arena,) = arenas
+    assert arena.taken >= 80 // blocks
+    assert arena.allocated == most
 
 
 def test_webdataset_reader_gives_the_same_train_and_eval_streams(tmp_path):

@@ -6,9 +6,9 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
   epoch e reads every sample exactly once.
 - blocks go through a shuffle buffer that permutes whole arrays with numpy, never
   per-sample Python objects. Patches are read straight into the buffer's arena and
-  gathered once into each batch (two copies per sample, the disk read included), so host
-  memory per worker is about 2 x shuffle_blocks x K x bytes per sample, plus the
-  prefetched batches (see scripts/bench_loader.py);
+  gathered once into each batch (two copies per sample, the disk read included). The
+  buffer's memory is recycled, so host memory per worker is one or two x shuffle_blocks x
+  K x bytes per sample, plus the prefetched batches (see scripts/bench_loader.py);
 - the stream never ends, so every rank takes exactly `max_steps` steps whatever the shard
   sizes: a rank with smaller shards simply starts its next epoch sooner. No rank can run
   dry and leave the others waiting in all-reduce.
@@ -124,7 +124,8 @@ def read_blocks(
             problems.record(shard, f"{shard}: empty shard (a tar with no records)")
 
 
-Chunk = tuple[np.ndarray, np.ndarray, np.ndarray]
+Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]
+"""(patch, label, order, arena memory to release once every sample has been gathered)."""
 
 
 def _as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
@@ -164,24 +165,26 @@ def _epoch_shards(spec: StreamSpec, epoch: int, worker: int, workers: int) -> li
     return [int(i) for i in order[spec.rank :: spec.world_size][worker::workers]]
 
 
-def _own_epoch(spec: StreamSpec, epoch: int, worker: int, workers: int) -> Iterator[Chunk]:
+def _own_epoch(
+    spec: StreamSpec, epoch: int, worker: int, workers: int, arena: Arena
+) -> Iterator[Chunk]:
     """One epoch of one worker's samples, shuffled over a buffer of blocks.
 
-    Each chunk is (patch, label, order): its samples are patch[order], gathered batch by
-    batch straight into the batch arrays, so the buffer is copied once on its way out.
+    Each chunk is (patch, label, order, memory): its samples are patch[order], gathered
+    batch by batch straight into the batch arrays, so the buffer is copied once on its way
+    out; then its arena memory goes back to `arena`.
     """
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker])
     shards = [spec.shards[i] for i in _epoch_shards(spec, epoch, worker, workers)]
     buffer: list[Block] = []
-    arena = Arena(spec.shuffle_blocks)
 
     def flush() -> Chunk:
         # The patches were read back to back into the arena: no concatenation needed.
-        patch = arena.take([b.patch for b in buffer])
+        patch, memory = arena.take([b.patch for b in buffer])
         label = buffer[0].label if len(buffer) == 1 else np.concatenate([b.label for b in buffer])
         order = rng.permutation(len(label))
         buffer.clear()
-        return patch, label, order
+        return patch, label, order, memory
 
     for block in read_blocks(
         shards,
@@ -222,7 +225,10 @@ def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tupl
     return start, totals[start]
 
 
-def _gather(pieces: list[Chunk], size: int) -> tuple[np.ndarray, np.ndarray]:
+Piece = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _gather(pieces: list[Piece], size: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch from (patch, label, indices) pieces, in order, with one copy per sample."""
     shape = pieces[0][0].shape[1:]
     patch = np.empty((size, *shape), np.result_type(*(p for p, _, _ in pieces)))
@@ -251,11 +257,13 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     # `filled` stand-ins for the carry-in of an epoch we did not replay: they only take
     # positions in skipped batches.
     batch_index, filled = divmod(emitted, size)
-    pieces: list[Chunk] = []
+    pieces: list[Piece] = []
+    arena = Arena(spec.shuffle_blocks)
+    read_out: list[np.ndarray | None] = []  # memories of chunks fully dealt into batches
     empty_epochs = 0
     while True:
         got_any = False
-        for patch, label, order in _own_epoch(spec, epoch, worker, workers):
+        for patch, label, order, memory in _own_epoch(spec, epoch, worker, workers, arena):
             got_any = True
             start = 0
             while start < len(order):
@@ -263,6 +271,8 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
                 if batch_index >= skip:
                     pieces.append((patch, label, order[start : start + take]))
                 start, filled = start + take, filled + take
+                if start == len(order):
+                    read_out.append(memory)
                 if filled == size:
                     if batch_index >= skip:
                         batch_patch, batch_label = _gather(pieces, size)
@@ -273,7 +283,10 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
                                 "bad_records": np.array([worker, spec.problems.count]),
                             }
                         )
-                    pieces, filled, batch_index = [], 0, batch_index + 1
+                    # Every chunk dealt out so far is now in a gathered (or skipped) batch.
+                    for done in read_out:
+                        arena.release(done)
+                    pieces, read_out, filled, batch_index = [], [], 0, batch_index + 1
         # With as many shards as readers, one bad shard empties a reader's whole epoch:
         # with on_error=skip that is a skip like any other (the next epoch deals it other
         # shards). Only a reader that never finds a readable sample must stop the run.

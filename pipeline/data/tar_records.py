@@ -13,6 +13,7 @@ one entry per suffix), so `decode_block` takes either.
 from __future__ import annotations
 
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -39,10 +40,24 @@ def _number(field: bytes) -> int:
     return int(field.rstrip(b"\0 ") or b"0", 8)
 
 
+_ODD = bytes(value & 1 for value in range(256))
+
+
+def byte_sum(header: bytes) -> int:
+    """sum(header) for a 512-byte header, at C speed (sum() was a tenth of the reader's time).
+
+    adler32's low half is 1 + the byte sum mod 65521. A header sums to at most
+    512 x 255 = 130,560 < 2 x 65521, so the sum is r or r + 65521; 65521 is odd, so the
+    parity of the count of odd bytes tells which.
+    """
+    low = ((zlib.adler32(header) & 0xFFFF) - 1) % 65521
+    return low if low & 1 == header.translate(_ODD).count(1) & 1 else low + 65521
+
+
 def _checksum_ok(header: bytes) -> bool:
     """The header sum, its checksum field counted as spaces, unsigned or signed (as tarfile)."""
     expected = _number(header[148:156])
-    unsigned = sum(header) - sum(header[148:156]) + 256
+    unsigned = byte_sum(header) - sum(header[148:156]) + 256
     if expected == unsigned:
         return True
     return expected == unsigned - 256 * sum(b > 127 for b in header[:148] + header[156:])
