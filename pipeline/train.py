@@ -21,6 +21,7 @@ from pipeline.data import sources as data_sources
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader, check_readers
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import PipelineError
+from pipeline.host_memory import keep_freed_memory
 from pipeline.model import as_logits, build_model
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.run_state import RunState
@@ -43,6 +44,8 @@ def train(cfg: Config) -> dict[str, Any]:
     device = distributed.select_device(cfg.train.device, env.local_rank)
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()  # before the loader forks its workers: they inherit it
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         result = Trainer(cfg, device).fit()

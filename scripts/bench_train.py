@@ -46,6 +46,7 @@ from bench_loader import machine_info  # noqa: E402
 from pipeline import config, distributed  # noqa: E402
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader  # noqa: E402
 from pipeline.data.transforms import DeviceTransform  # noqa: E402
+from pipeline.host_memory import keep_freed_memory  # noqa: E402
 from pipeline.model import as_logits, build_model  # noqa: E402
 from pipeline.optim import build_optimizer, build_scheduler  # noqa: E402
 from pipeline.runtime import autocast, resolve_precision  # noqa: E402
@@ -222,6 +223,8 @@ def run_compile(spec: dict[str, Any]) -> dict[str, Any]:
     args = argparse.Namespace(**spec["args"])
     device = torch.device(spec["device"])
     cfg = load_cfg(spec["dims"], Path(spec["data"]), spec["device"], spec["extra"])
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     shards = sorted(str(p) for p in Path(spec["data"]).glob("train-*.tar"))
     best = resolve_precision("auto", device)
     variants = [
@@ -290,6 +293,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.de
         extra += ["model.width=4", "model.depth=2", "model.features=16", "model.hidden=16"]
         extra += ["train.batch_size=32", "data.num_workers=0", "data.shuffle_blocks=2"]
     cfg = load_cfg(dims, data, device.type, extra)
+    kept = cfg.train.keep_freed_memory and keep_freed_memory()  # as `pipeline train` does
     shards = sorted(str(p) for p in data.glob("train-*.tar"))
     variants = [
         Variant(name, cfg, device, shards, **how) for name, how in variant_plan(device, args.quick)
@@ -321,6 +325,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.de
             "channels_last": cfg.model.channels_last,
             "width": cfg.model.width,
             "depth": cfg.model.depth,
+            "keep_freed_memory": bool(kept),
         },
     }
     real, compute = results["default"], results["compute_only"]

@@ -12,7 +12,7 @@ from tests.conftest import ROOT, cli_env
 
 def _start(script: str, tmp_path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / script), "--quick", "--dims", "2", *args],
+        [sys.executable, str(ROOT / "scripts" / script), "--quick", *args],
         cwd=ROOT,
         env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
@@ -27,10 +27,11 @@ def _last_json(process: subprocess.Popen) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_both_benchmarks_print_json_with_the_required_keys(tmp_path):
-    # Both at once: each is mostly start-up and waiting, and the suite's time is precious.
-    loader = _start("bench_loader.py", tmp_path)
-    train = _start("bench_train.py", tmp_path)
+def test_the_benchmarks_print_json_with_the_required_keys(tmp_path):
+    # All at once: each is mostly start-up and waiting, and the suite's time is precious.
+    loader = _start("bench_loader.py", tmp_path, "--dims", "2")
+    train = _start("bench_train.py", tmp_path, "--dims", "2")
+    malloc = _start("bench_malloc.py", tmp_path)
     result = _last_json(loader)
     rates = result["samples_per_s"]
     assert set(rates) == {"project", "project_webdataset", "per_sample", "raw_read"}
@@ -53,3 +54,8 @@ def test_both_benchmarks_print_json_with_the_required_keys(tmp_path):
     assert variants["default"]["samples_per_s"] > 0
     assert variants["compute_only"]["data_wait_fraction"] < 0.01  # memory never keeps it waiting
     assert result["device"] == "cpu" and result["machine"]["torch"]
+
+    result = _last_json(malloc)  # two real `pipeline train` runs, kept vs default
+    assert set(result["samples_per_s"]) == {"kept", "default"}
+    assert result["speedup"] == result["samples_per_s"]["kept"] / result["samples_per_s"]["default"]
+    assert all(run["minor_faults_per_step"] > 0 for runs in result["runs"].values() for run in runs)
