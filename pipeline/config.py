@@ -95,7 +95,7 @@ class DataConfig:
     prefetch_factor: int = 4
     """Batches each worker keeps ready."""
     shuffle_blocks: int = 8
-    """Shuffle buffer, in block records; host memory per worker 1-2 x shuffle_blocks x K x sample bytes.
+    """Shuffle buffer, in block records; a worker holds 1-2 buffers of shuffle_blocks x K samples.
 
     8 keeps the 2D buffer (4.7 MB at K=256) in cache, where the batch gather reads it: 16
     blocks read up to 14 % slower, 32 blocks about 28 % (scripts/bench_loader.py)."""

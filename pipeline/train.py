@@ -45,7 +45,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.keep_freed_memory:
-        keep_freed_memory()  # before the loader forks its workers: they inherit it
+        keep_freed_memory()  # before the loader starts workers: forked ones inherit it
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
         result = Trainer(cfg, device).fit()

@@ -5,7 +5,8 @@ process on the same data and config; the two take turns for `--rounds` rounds an
 report medians, so a load swing on a shared machine hits both alike. Per run: samples/s
 from its metrics.jsonl (between the first and last train records), and from the process's
 own resource usage (os.wait4: it and its DataLoader workers) minor page faults per step,
-(start-up included) the share of CPU time spent in the kernel, and peak RSS. Last stdout line: one JSON object
+(start-up included), the share of CPU time spent in the kernel, and peak RSS (of the
+largest single process). Last stdout line: one JSON object
 with `speedup` (kept / default samples/s).
 
     python scripts/bench_malloc.py                 # default 2D config, ~3 min on 2 CPU cores
@@ -61,7 +62,8 @@ def run_once(name: str, data: Path, run_dir: Path, args: argparse.Namespace) -> 
     process = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    stderr = process.stderr.read() if process.stderr else ""
+    with process.stderr:  # type: ignore[union-attr]
+        stderr = process.stderr.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:

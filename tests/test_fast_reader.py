@@ -153,7 +153,8 @@ def test_arena_gives_the_same_stream_as_concatenating(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("blocks", "most"), [(1, 3), (4, 2)])
 def test_arena_memory_is_recycled_not_reallocated(tmp_path, monkeypatch, blocks, most):
-    # A batch of 40 spans three 16-sample buffers (blocks=1), or at most two of 64.
+    # A batch of 40 spans three 16-sample buffers (blocks=1), or at most two of 64. Each
+    # epoch is 320 samples, 8 whole batches, so the counts are exact, not bounds.
     arenas: list = []
 
     class Counted(arena_module.Arena):

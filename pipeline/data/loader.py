@@ -7,8 +7,9 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
 - blocks go through a shuffle buffer that permutes whole arrays with numpy, never
   per-sample Python objects. Patches are read straight into the buffer's arena and
   gathered once into each batch (two copies per sample, the disk read included). The
-  buffer's memory is recycled, so host memory per worker is one or two x shuffle_blocks x
-  K x bytes per sample, plus the prefetched batches (see scripts/bench_loader.py);
+  buffer's memory is recycled, so host memory per worker is one or two (more when a batch
+  is bigger than a buffer) x shuffle_blocks x K x bytes per sample, plus the prefetched
+  batches (see scripts/bench_loader.py);
 - the stream never ends, so every rank takes exactly `max_steps` steps whatever the shard
   sizes: a rank with smaller shards simply starts its next epoch sooner. No rank can run
   dry and leave the others waiting in all-reduce.
