@@ -5,16 +5,16 @@ tens of MB. glibc serves blocks that big with mmap and returns them on free (or 
 off the heap top), so the next step faults every page back in, zeroed by the kernel: the
 85 s demo took 22 M minor page faults and spent 29 % of its CPU time in the kernel. With
 fixed thresholds glibc keeps those blocks for reuse: `pipeline train` ran 1.44x the
-samples/s with a tenth of the page faults and 6 % more peak RSS (scripts/bench_malloc.py). This is what
-`MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` do from the environment, and those win
-when set. Other C libraries (musl, macOS) are left alone.
+samples/s with a tenth of the page faults and 6 % more peak RSS (scripts/bench_malloc.py).
+This is what `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` do from the environment,
+and those win when set. Other C libraries (musl, macOS) are left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import platform
+from collections.abc import Mapping
 
 # mallopt parameters from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
@@ -24,13 +24,26 @@ TRIM_THRESHOLD = 256 << 20  # free heap top kept before trimming
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def running_glibc() -> bool:
+    """Whether this process runs on glibc: asked of the C library itself, not of the executable."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # no such name: not glibc
+        return False
+
+
+def glibc_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without malloc tuning: a child started with it begins from glibc's own defaults."""
+    return {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (and processes it forks).
 
     Returns whether they were set: False off glibc, or when the environment already tunes
     glibc's malloc (the user's choice stands).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not running_glibc():
         return False
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in os.environ for name in USER_SETTINGS) or "glibc.malloc." in tunables:

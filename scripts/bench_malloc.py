@@ -4,10 +4,10 @@ The setting is process-wide (glibc's mallopt), so each variant is its own `pipel
 process on the same data and config; the two take turns for `--rounds` rounds and we
 report medians, so a load swing on a shared machine hits both alike. Per run: samples/s
 from its metrics.jsonl (between the first and last train records), and from the process's
-own resource usage (os.wait4: it and its DataLoader workers) minor page faults per step,
+own resource usage (os.wait4: it and its DataLoader workers) minor page faults per step
 (start-up included), the share of CPU time spent in the kernel, and peak RSS (of the
-largest single process). Last stdout line: one JSON object
-with `speedup` (kept / default samples/s).
+largest single process). Last stdout line: one JSON object with `speedup` (kept / default
+samples/s).
 
     python scripts/bench_malloc.py                 # default 2D config, ~3 min on 2 CPU cores
     python scripts/bench_malloc.py --quick         # seconds: smoke test
@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_scaling import machine_info, measure  # noqa: E402
+
+from pipeline.host_memory import glibc_defaults  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"kept": "true", "default": "false"}  # train.keep_freed_memory
@@ -56,8 +59,7 @@ def run_once(name: str, data: Path, run_dir: Path, args: argparse.Namespace) -> 
         *args.overrides,
     ]
     cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(args.config), *overrides]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("GLIBC_TUNABLES", None)  # both variants start from glibc's own defaults
+    env = glibc_defaults(os.environ)  # both variants start from glibc's own defaults
     started = time.perf_counter()
     process = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

@@ -32,6 +32,10 @@ CASES: dict[str, tuple] = {
     ),
     "yaml syntax error": (["train", "--config", "{tmp}/broken.yaml"], ["{tmp}/broken.yaml"]),
     "wrong type": (["train", "train.max_steps=many"], ["train.max_steps", "many"]),
+    "not a bool": (
+        ["train", "train.keep_freed_memory=maybe"],
+        ["train.keep_freed_memory", "maybe", "bool"],
+    ),
     "unknown key": (["train", "train.max_stepz=5"], ["unknown key", "train.max_stepz"]),
     "value out of range": (["train", "train.batch_size=0"], ["train.batch_size", "> 0"]),
     "bad wandb.mode": (

@@ -4,18 +4,17 @@ model stops faulting its activation memory back in from the kernel every step.""
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pipeline.host_memory import glibc_defaults, running_glibc
 from tests.conftest import ROOT, cli_env
 
 pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="mallopt thresholds are a glibc feature",
+    not running_glibc(), reason="mallopt thresholds are a glibc feature"
 )
 
 # Separate processes: the setting is process-wide and cannot be undone.
@@ -51,12 +50,10 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 
 def _steps(tmp_path, variant: str, warm: int, measured: int, **env: str) -> dict:
-    clean = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("MALLOC_")}
-    clean.pop("GLIBC_TUNABLES", None)  # both variants start from glibc's own defaults
     result = subprocess.run(
         [sys.executable, "-c", STEPS, variant, str(warm), str(measured)],
         cwd=ROOT,
-        env={**clean, **env},
+        env={**glibc_defaults(cli_env(tmp_path)), **env},
         capture_output=True,
         text=True,
         timeout=300,
