@@ -103,6 +103,16 @@ class DataConfig:
     """Bad records: `skip` (counted and logged) or `fail`."""
     reader: str = "fast"
     """Tar reader: `fast` (seek + one read per member) or `webdataset` (the library's, 2-2.5x slower)."""
+    cache_dir: str | None = None
+    """Node-local cache for remote shards (http(s)://, s3://, gs://, pipe:); null = `$PIPELINE_CACHE/shards`."""
+    cache_limit_gb: float = 50.0
+    """Cache size limit; least recently used shards not being read are deleted (0 = no limit)."""
+    prefetch_shards: int = 2
+    """Remote shards each loader worker downloads ahead of the one it reads (0 = off)."""
+    remote_timeout_s: float = 60.0
+    """Per-request timeout (connect, and each read) for remote shards."""
+    remote_retries: int = 5
+    """Retries, with exponential backoff from 0.5 s, for transient faults (5xx, resets, truncation)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +135,10 @@ class DataConfig:
         _require(self.shuffle_blocks >= 1, "data.shuffle_blocks", "must be >= 1")
         _choice(self.on_error, "data.on_error", ("skip", "fail"))
         _choice(self.reader, "data.reader", ("fast", "webdataset"))
+        _require(self.cache_limit_gb >= 0, "data.cache_limit_gb", "must be >= 0 (0 = no limit)")
+        _require(self.prefetch_shards >= 0, "data.prefetch_shards", "must be >= 0")
+        _require(self.remote_timeout_s > 0, "data.remote_timeout_s", "must be > 0")
+        _require(self.remote_retries >= 0, "data.remote_retries", "must be >= 0")
 
     @property
     def patch_size(self) -> int:

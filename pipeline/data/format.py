@@ -312,7 +312,16 @@ def manifest_counts(shard_paths: Sequence[str]) -> dict[str, ShardInfo]:
     """ShardInfo per shard path, from the `manifest.json` in each shard's directory.
 
     Shards that no manifest lists are absent from the result; callers decide if that matters.
+    Remote shards (URLs) are looked up in the manifest.json beside them on their server.
     """
+    from pipeline.data.remote import is_remote
+    from pipeline.data.urls import remote_manifest_counts
+
+    remote = [s for s in shard_paths if is_remote(s)]
+    if remote:
+        found = remote_manifest_counts(remote)
+        local = manifest_counts([s for s in shard_paths if not is_remote(s)])
+        return {**found, **local}
     by_dir: dict[Path, dict[str, ShardInfo]] = {}
     found: dict[str, ShardInfo] = {}
     for shard in shard_paths:
@@ -338,10 +347,19 @@ def expand_shards(pattern: str, key: str = "shards") -> list[str]:
     """Shard paths from a pattern with brace expansion (`{000..009}`) and globs, sorted.
 
     Raises DataError naming `key` when nothing matches, before any heavy work starts.
+    Remote patterns (http(s)://, s3://, gs://, pipe:) expand and are checked by
+    `pipeline.data.urls.expand_remote`; sorted the same way.
     """
     import glob
 
     from braceexpand import braceexpand
+
+    from pipeline.data.remote import is_remote
+
+    if is_remote(pattern):
+        from pipeline.data.urls import expand_remote
+
+        return expand_remote(pattern, key)
 
     paths: list[str] = []
     for expanded in braceexpand(os.path.expanduser(pattern)):

@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import cache
 from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
 from pipeline.data.problems import ProblemLog
+from pipeline.data.remote import is_remote, scrub
 from pipeline.data.tar_records import Placer, tar_records, webdataset_records
 from pipeline.errors import DataError
 
@@ -88,41 +90,76 @@ def read_blocks(
     would otherwise break batching far from its cause), and so is a shard with no records.
     `reader="webdataset"` reads through webdataset instead (no arena placement).
     """
-    for shard in shards:
+    remote = any(is_remote(s) for s in shards)
+    for index, shard in enumerate(shards):
         records = 0
+        if remote:
+            # Remote shards: the next ones download while this one is read.
+            ahead = shards[index + 1 : index + 1 + cache.settings().prefetch]
+            cache.shard_cache().prefetch([s for s in ahead if is_remote(s)])
         try:
-            source = (
-                webdataset_records(shard) if reader == "webdataset" else tar_records(shard, place)
-            )
-            for sample in source:
-                records += 1
-                try:
-                    block = decode_block(sample, meta, allow_unknown)
-                    if sample_shape is not None and block.patch.shape[1:] != sample_shape:
-                        found, wanted = (
-                            "x".join(map(str, shape))
-                            for shape in (block.patch.shape[1:], sample_shape)
-                        )
-                        raise DataError(
-                            f"{shard}:{sample['__key__']}: samples of shape {found}, but the "
-                            f"config (data.channels, data.scales[-1], data.dims) says {wanted}"
-                        )
-                except DataError as exc:
-                    if on_error == "fail":
-                        raise
-                    problems.record(shard, str(exc))
-                    continue
-                yield block
+            with cache.opened(shard) as path:
+                yield from _shard_blocks(
+                    shard,
+                    path,
+                    on_error,
+                    problems,
+                    meta,
+                    sample_shape,
+                    place,
+                    reader,
+                    allow_unknown,
+                    counter := [0],
+                )
+            records = counter[0]
         except (OSError, tarfile.TarError) as exc:
-            # Truncated or unreadable tar: the rest of this shard is lost, the others are read.
+            # Truncated or unreadable tar, or a download that failed after its retries:
+            # the rest of this shard is lost, the others are read.
             if on_error == "fail":
-                raise DataError(f"unreadable shard data: {shard}: {exc}") from None
-            problems.record("tar", f"{shard}: {exc}")
+                raise DataError(f"unreadable shard data: {scrub(shard)}: {exc}") from None
+            problems.record("tar", f"{scrub(shard)}: {exc}")
             continue
         if records == 0:
             if on_error == "fail":
-                raise DataError(f"{shard}: empty shard (a tar with no records)")
-            problems.record(shard, f"{shard}: empty shard (a tar with no records)")
+                raise DataError(f"{scrub(shard)}: empty shard (a tar with no records)")
+            problems.record(shard, f"{scrub(shard)}: empty shard (a tar with no records)")
+
+
+def _shard_blocks(
+    shard: str,
+    path: str,
+    on_error: str,
+    problems: ProblemLog,
+    meta: bool,
+    sample_shape: tuple[int, ...] | None,
+    place: Placer | None,
+    reader: str,
+    allow_unknown: bool,
+    counter: list[int],
+) -> Iterator[Block]:
+    """Blocks of one shard already on local disk (`path`: the shard or its cached copy)."""
+    source = webdataset_records(path) if reader == "webdataset" else tar_records(path, place)
+    name = scrub(shard)
+    for sample in source:
+        counter[0] += 1
+        if path != shard:
+            sample["__url__"] = name  # messages name the URL, not the cache file
+        try:
+            block = decode_block(sample, meta, allow_unknown)
+            if sample_shape is not None and block.patch.shape[1:] != sample_shape:
+                found, wanted = (
+                    "x".join(map(str, shape)) for shape in (block.patch.shape[1:], sample_shape)
+                )
+                raise DataError(
+                    f"{name}:{sample['__key__']}: samples of shape {found}, but the "
+                    f"config (data.channels, data.scales[-1], data.dims) says {wanted}"
+                )
+        except DataError as exc:
+            if on_error == "fail":
+                raise
+            problems.record(shard, str(exc))
+            continue
+        yield block
 
 
 Chunk = tuple[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DataConfig, default_cache_dir
+from pipeline.data import cache
 from pipeline.data.format import MANIFEST_NAME, expand_shards, manifest_counts
 from pipeline.errors import ConfigError
 
@@ -59,7 +60,11 @@ def ensure_synthetic(cfg: DataConfig, is_main: bool) -> Path:
 
 
 def resolve(cfg: DataConfig) -> Sources:
-    """Expand patterns and read manifest counts; errors name the key and pattern."""
+    """Expand patterns and read manifest counts; errors name the key and pattern.
+
+    Also sets up the remote-shard cache from `cfg` (loader workers inherit it).
+    """
+    cache.configure(cfg)
     if cfg.train is None:
         root = synthetic_dir(cfg)
         train_pattern = str(root / "train-*.tar")
