@@ -98,41 +98,45 @@ def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_images(args: argparse.Namespace) -> int:
     from pipeline.convert.images import convert_images
+    from pipeline.data.publish import output_dir
 
-    convert_images(
-        csv=args.csv,
-        root=args.root,
-        out=args.out,
-        path_col=args.path_col,
-        label_col=_label_col(args, "label"),
-        x_col=args.x_col,
-        y_col=args.y_col,
-        group_col=args.group_col,
-        resize_to=args.resize_to,
-        pad_value=args.pad_value,
-        channels=args.channels,
-        **_common_kwargs(args),
-    )
+    with output_dir(args.out, args.overwrite) as out:  # s3://, gs://: uploaded, manifest last
+        convert_images(
+            csv=args.csv,
+            root=args.root,
+            out=out,
+            path_col=args.path_col,
+            label_col=_label_col(args, "label"),
+            x_col=args.x_col,
+            y_col=args.y_col,
+            group_col=args.group_col,
+            resize_to=args.resize_to,
+            pad_value=args.pad_value,
+            channels=args.channels,
+            **_common_kwargs(args),
+        )
     return 0
 
 
 def run_volumes(args: argparse.Namespace) -> int:
     from pipeline.convert.volumes import convert_volumes
+    from pipeline.data.publish import output_dir
 
-    convert_volumes(
-        candidates=args.candidates,
-        scans=args.scans,
-        out=args.out,
-        spacing=args.spacing,
-        window=_window(args.window),
-        dtype=args.dtype,
-        uid_col=args.uid_col,
-        x_col=args.x_col,
-        y_col=args.y_col,
-        z_col=args.z_col,
-        label_col=_label_col(args, "class"),
-        **_common_kwargs(args),
-    )
+    with output_dir(args.out, args.overwrite) as out:  # s3://, gs://: uploaded, manifest last
+        convert_volumes(
+            candidates=args.candidates,
+            scans=args.scans,
+            out=out,
+            spacing=args.spacing,
+            window=_window(args.window),
+            dtype=args.dtype,
+            uid_col=args.uid_col,
+            x_col=args.x_col,
+            y_col=args.y_col,
+            z_col=args.z_col,
+            label_col=_label_col(args, "class"),
+            **_common_kwargs(args),
+        )
     return 0
 
 

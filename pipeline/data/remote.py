@@ -352,3 +352,14 @@ def upload(local: Path, url: str, settings: RemoteSettings) -> None:
             if not error.transient or attempt == settings.retries:
                 raise error from None
             time.sleep(min(settings.backoff_s * 2**attempt, 30.0))
+
+
+def scrub_tree(value):
+    """A copy of a config tree (dicts, lists, strings) with every URL passed through `scrub`."""
+    if isinstance(value, dict):
+        return {k: scrub_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_tree(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return scrub(value)
+    return value

@@ -205,21 +205,26 @@ def _remove_stale(out_dir: Path, written: set[str]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipeline.data.publish import output_dir
+
     start = time.perf_counter()
-    manifest = make_synthetic(
-        args.out,
-        dims=args.dims,
-        n_train=args.train,
-        n_val=args.val,
-        positive_fraction=args.positive_fraction,
-        seed=args.seed,
-        block_size=args.block_size,
-        train_shards=args.shards,
-        val_shards=max(2, args.shards // 4),
-        workers=args.workers,
-        progress=not args.no_progress,
-        size=args.size,
-    )
+    with output_dir(args.out) as out:  # s3:// and gs://: uploaded, the manifest last
+        manifest = make_synthetic(
+            out,
+            dims=args.dims,
+            n_train=args.train,
+            n_val=args.val,
+            positive_fraction=args.positive_fraction,
+            seed=args.seed,
+            block_size=args.block_size,
+            train_shards=args.shards,
+            val_shards=max(2, args.shards // 4),
+            workers=args.workers,
+            progress=not args.no_progress,
+            size=args.size,
+        )
+        if out != Path(args.out):
+            manifest = f"{args.out.rstrip('/')}/{MANIFEST_NAME}"
     print(
         f"wrote {args.train} train + {args.val} val candidates in {time.perf_counter() - start:.1f}s: {manifest}"
     )

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import WandbConfig
+from pipeline.data.remote import scrub_tree
 from pipeline.errors import ConfigError
 from pipeline.tracking import curves
 from pipeline.tracking.wandb_identity import plan_run, record_segment, resolve_target
@@ -96,7 +97,7 @@ class WandbSink:
             resume=plan.resume,
             dir=str(self.target.dir),
             mode=self.target.mode,
-            config=run_config,
+            config=scrub_tree(run_config),  # no user:password@ or signed URLs in W&B
             settings=settings,
         )
         # A resumed online run already holds steps up to where the previous segment died;
