@@ -143,7 +143,8 @@ def _http_download(url: str, part: Path, settings: RemoteSettings) -> None:
             length = response.headers.get("Content-Length")
             expected = have + int(length) if length is not None else None
             with open(part, "ab" if have else "wb") as sink:
-                for chunk in response.iter_content(CHUNK):
+                # Small pieces: bytes of a piece cut by a dropped connection are lost.
+                for chunk in response.iter_content(CHUNK // 16):
                     sink.write(chunk)
             got = part.stat().st_size
             if expected is not None and got != expected:
@@ -159,6 +160,9 @@ def _filesystem(url: str, settings: RemoteSettings):
     except ImportError:
         raise FetchError(url, "reading it needs `pip install 'pipeline[s3]'`", False) from None
     protocol = url.split("://", 1)[0]
+    # Their INFO lines ("Found credentials in environment variables") are not ours to print.
+    for name in ("aiobotocore", "botocore", "s3fs", "gcsfs", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     options: dict = {}
     if protocol == "s3":
         # retries here: ours resume at the byte offset; botocore's would restart the request.
@@ -251,6 +255,8 @@ def download(url: str, part: Path, settings: RemoteSettings) -> None:
         if url.startswith(HTTP)
         else _object_download
     )
+    # A `.part` from another, crashed process is not trusted: resume only our own bytes.
+    part.unlink(missing_ok=True)
     for attempt in range(settings.retries + 1):
         try:
             fetch(url, part, settings)

@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.data import cache
-from pipeline.data.remote import PIPE, FetchError, is_remote, probe, read_small, scrub
+from pipeline.data.remote import (
+    OBJECT_STORES,
+    PIPE,
+    FetchError,
+    is_remote,
+    probe,
+    read_small,
+    scrub,
+)
 from pipeline.errors import DataError
 
 if TYPE_CHECKING:
@@ -42,6 +50,18 @@ def _manifest(directory: str, key: str) -> dict | None:
         return json.loads(raw)
     except ValueError as exc:
         raise DataError(f"{key}: {scrub(url)}: malformed manifest ({exc})") from None
+
+
+def _check_bucket(url: str, key: str) -> None:
+    """For s3:// and gs://, a missing bucket explains a missing manifest better."""
+    if not url.startswith(OBJECT_STORES):
+        return
+    scheme, rest = url.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    try:
+        probe(bucket, cache.settings())
+    except FetchError as exc:
+        raise DataError(f"{key}: {scrub(url)}: bucket {exc}") from None
 
 
 def _listed(manifest: dict) -> dict[str, list[str]]:
@@ -73,6 +93,7 @@ def expand_remote(pattern: str, key: str) -> list[str]:
         directory = _parent(expanded)
         manifest = _manifest(directory, key)
         if manifest is None:
+            _check_bucket(directory, key)
             raise DataError(
                 f"{key}: {scrub(expanded)}: remote storage cannot be globbed and "
                 f"{scrub(directory + MANIFEST_NAME)} does not exist; list the shards with braces "

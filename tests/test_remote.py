@@ -1,0 +1,251 @@
+"""Shards from http(s)://, s3:// (an S3 emulator for tests) and pipe:, on real loopback servers.
+
+Each test reads through the real reader (`read_blocks`, `EvalStream`, the CLI), compares
+sample ids with the same shards read from local disk, and counts what the server saw.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import cache, remote
+from pipeline.data.format import expand_shards, manifest_counts
+from pipeline.data.loader import StreamSpec, read_blocks, worker_batches
+from pipeline.data.problems import ProblemLog
+from tests import reliability
+from tests.conftest import ROOT, cli_env, run_cli
+from tests.faults import small_shards
+from tests.remote_servers import environment, make_bucket, s3_emulator, shard_server
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return small_shards(tmp_path_factory.mktemp("remote_shards"), n_train=256, n_val=64)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    """The cache configured into a fresh folder for this test (retries fast)."""
+    settings = cache.configure(DataConfig(cache_dir=str(tmp_path / "cache"), remote_retries=6))
+    settings.backoff_s = 0.05
+    yield settings
+    cache.configure(DataConfig())
+
+
+def _ids(urls: list[str], problems: ProblemLog | None = None) -> list[str]:
+    blocks = read_blocks(urls, "skip", problems or ProblemLog())
+    return [i for block in blocks for i in block.ids]
+
+
+def _local_ids(shards: Path, split: str) -> list[str]:
+    return _ids(expand_shards(f"{shards}/{split}-*.tar"))
+
+
+def test_http_directory_url_lists_shards_from_the_manifest_with_counts(shards, cached):
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/", "data.train")
+        assert [u.rsplit("/", 1)[1] for u in urls] == [f"train-00000{i}.tar" for i in range(4)]
+        assert expand_shards(server.url + "/val-*.tar", "data.val")[0].endswith("val-000000.tar")
+        counts = manifest_counts(urls)
+        assert sum(info.samples for info in counts.values()) == 256
+        assert _ids(urls) == _local_ids(shards, "train")
+
+
+def test_faults_are_retried_resumed_at_the_offset_and_no_sample_is_lost_or_doubled(shards, cached):
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/train-{000000..000003}.tar", "data.train")
+        server.slow_s = 0.3
+        server.faults = ["503", "503", "503", "drop", "truncate", "slow", "drop"]
+        before = remote.COUNTERS.retries
+        problems = ProblemLog()
+        ids = _ids(urls, problems)
+        retries = remote.COUNTERS.retries - before
+        faults = [r for r in server.requests if r[2]]
+    assert sorted(ids) == sorted(_local_ids(shards, "train")), "a sample was lost or doubled"
+    assert len(ids) == len(set(ids)) == 256
+    assert problems.count == 0
+    assert len(faults) == 7
+    # Every fault but `slow` costs one retry; a dropped connection resumes with a Range.
+    assert retries == 6
+    dropped = [i for i, r in enumerate(server.requests) if r[2] == "drop"]
+    resumed = [
+        r for r in server.requests[dropped[0] + 1 :] if r[1] == server.requests[dropped[0]][1]
+    ]
+    assert resumed and resumed[0][3].startswith("bytes=") and resumed[0][3] != "bytes=0-"
+
+
+def test_a_shard_that_keeps_failing_is_skipped_and_counted_or_fails_in_one_line(shards, cached):
+    cached.retries, cached.prefetch = 2, 0  # no prefetch: the 503s meet the first shard
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/train-{000000..000001}.tar", "data.train")
+        server.faults = ["503"] * 3  # the first shard: 1 try + 2 retries, all 503
+        problems = ProblemLog()
+        ids = _ids(urls, problems)
+        assert problems.count == 1 and len(ids) == 64
+        server.faults = ["503"] * 3
+        cache.shard_cache().path(urls[0]).unlink(missing_ok=True)
+        with pytest.raises(Exception, match=r"train-000000.tar: HTTP 503") as error:
+            list(read_blocks(urls, "fail", ProblemLog()))
+        assert "\n" not in str(error.value)
+
+
+def _read_in_process(args: tuple[str, list[str]]) -> int:
+    cache_dir, urls = args
+    cache.configure(DataConfig(cache_dir=cache_dir))
+    return sum(len(b) for b in read_blocks(urls, "fail", ProblemLog()))
+
+
+def test_processes_on_one_node_download_each_shard_once_and_epoch_two_needs_no_network(
+    shards, tmp_path
+):
+    cache_dir = str(tmp_path / "cache")
+    # Throttled, so the four readers overlap while the first download is still running.
+    with shard_server(shards, bandwidth=4e6) as server:
+        urls = expand_shards(server.url + "/train-{000000..000003}.tar", "data.train")
+        with multiprocessing.get_context("fork").Pool(4) as pool:
+            counts = pool.map(_read_in_process, [(cache_dir, urls)] * 4)
+        gets = server.shard_gets()
+    assert counts == [256] * 4
+    assert {path: n for path, n in gets.items() if path.endswith(".tar")} == {
+        f"/train-00000{i}.tar": 1 for i in range(4)
+    }
+    # Epoch 2: the server is gone, the cache answers.
+    assert _read_in_process((cache_dir, urls)) == 256
+    assert not list(Path(cache_dir).glob("*.part"))
+
+
+def test_cache_evicts_least_recently_used_shards_beyond_its_limit(shards, cached):
+    size = (shards / "train-000000.tar").stat().st_size
+    cached.cache_limit_gb = 2.5 * size / 2**30  # room for two shards
+    cached.prefetch = 0  # downloads in reading order, so the order of use is known
+    cache._caches.clear()
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/train-{000000..000003}.tar", "data.train")
+        assert len(_ids(urls)) == 256
+        kept = sorted(p.name.split("-", 1)[1] for p in Path(cached.cache_dir).glob("*.tar"))
+        assert kept == ["train-000002.tar", "train-000003.tar"]
+        assert len(_ids(urls[2:])) == 128  # hits: no new downloads
+        assert server.shard_gets()["/train-000002.tar"] == 1
+
+
+def test_a_partial_download_is_never_read_as_a_shard(shards, cached):
+    with shard_server(shards) as server:
+        (url,) = expand_shards(server.url + "/train-000000.tar", "data.train")
+        target = cache.shard_cache().path(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A crashed process's leftover: junk bytes under the temporary name.
+        target.with_name(target.name + ".part").write_bytes(b"\0" * 4096)
+        assert _ids([url]) == _ids(expand_shards(f"{shards}/train-000000.tar"))
+
+
+def test_training_stream_from_http_equals_the_local_stream(shards, cached):
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/", "data.train")
+        server.faults = ["503", "drop"]
+        local = expand_shards(f"{shards}/train-*.tar")
+        a = worker_batches(StreamSpec(local, 8, shuffle_blocks=2), 0, 1, 0)
+        b = worker_batches(StreamSpec(urls, 8, shuffle_blocks=2), 0, 1, 0)
+        for _ in range(70):  # past the end of epoch 1 (32 batches), into epochs 2 and 3
+            x, y = next(a), next(b)
+            assert np.array_equal(x["patch"], y["patch"])
+            assert np.array_equal(x["label"], y["label"])
+
+
+def test_webdataset_reader_reads_urls_too(shards, cached):
+    with shard_server(shards) as server:
+        urls = expand_shards(server.url + "/val-*.tar", "data.val")
+        blocks = read_blocks(urls, "fail", ProblemLog(), reader="webdataset")
+        assert [i for b in blocks for i in b.ids] == _local_ids(shards, "val")
+
+
+def test_pipe_sources_expand_braces_and_read_like_files(shards, cached):
+    urls = expand_shards(f"pipe:cat {shards}/train-00000{{0..1}}.tar", "data.train")
+    assert len(urls) == 2
+    assert _ids(urls) == _ids(expand_shards(f"{shards}/train-00000{{0..1}}.tar"))
+
+
+def test_make_synthetic_uploads_to_the_s3_emulator_and_training_shards_read_back(
+    shards, cached, tmp_path
+):
+    with s3_emulator() as env, environment(env):
+        make_bucket(env, "data")
+        made = subprocess.run(
+            [sys.executable, "-m", "pipeline", "make-synthetic", "--out", "s3://data/ds",
+             "--dims", "2", "--train", "256", "--val", "64", "--seed", "0", "--block-size",
+             "16", "--shards", "4", "--workers", "1", "--no-progress"],
+            env=cli_env(tmp_path, **env), cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr[-2000:]
+        assert "s3://data/ds/manifest.json" in made.stdout
+        urls = expand_shards("s3://data/ds/", "data.train")
+        assert len(urls) == 4
+        assert _ids(urls) == _local_ids(shards, "train")
+        # Byte-identical to the local writer's shards, manifest included.
+        import fsspec
+
+        fs = fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        assert fs.cat_file("data/ds/train-000002.tar") == (shards / "train-000002.tar").read_bytes()
+        assert fs.cat_file("data/ds/manifest.json") == (shards / "manifest.json").read_bytes()
+
+
+def test_credentials_never_reach_messages():
+    url = "https://alice:s3cret@example.org/x/train-0.tar?X-Amz-Signature=abcd&n=1"
+    error = remote.FetchError(url, "HTTP 404 Not Found", False)
+    assert "s3cret" not in str(error) and "abcd" not in str(error)
+    assert "example.org/x/train-0.tar" in str(error)
+    tree = remote.scrub_tree({"data": {"train": url, "dims": 2}})
+    assert "s3cret" not in str(tree) and tree["data"]["dims"] == 2
+
+
+# id -> (data.train, words the one line must contain, environment)
+BAD = {
+    "url that 404s": ("{http}/missing-{{0..1}}.tar", ["data.train", "missing-0.tar", "HTTP 404"], {}),
+    "no such bucket": ("s3://no-such-bucket/ds/", ["data.train", "no-such-bucket", "not found"], "s3"),
+    "missing credentials": ("s3://data/ds/", ["data.train", "s3://data/ds/", "credentials"], "nokeys"),
+    "failing pipe command": ("pipe:exit 3", ["data.train", "pipe:exit 3", "status 3"], {}),
+    "credentials in url": ("http://bob:hunter2@{hostport}/none.tar", ["data.train", "***@", "HTTP 404"], {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_remote_sources_are_one_line_exit_2(case, shards, tmp_path):
+    pattern, words, env_kind = BAD[case]
+    with shard_server(shards) as server, s3_emulator() as s3:
+        env = cli_env(tmp_path, AWS_ENDPOINT_URL=s3["AWS_ENDPOINT_URL"])
+        if env_kind == "s3":
+            env.update(s3)
+        if env_kind == "nokeys":
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+                env.pop(key, None)
+            env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                       AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+        fill = {"http": server.url, "hostport": server.url.split("//")[1]}
+        pattern = pattern.format(**fill)
+        start = time.monotonic()
+        done = run_cli(
+            ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={pattern}",
+             f"run.dir={tmp_path / 'run'}", "data.remote_retries=1"],
+            env, timeout=120,
+        )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    reliability.record(
+        f"remote source: {case}",
+        exit_code=done.returncode,
+        seconds=round(time.monotonic() - start, 1),
+        lines=len(lines),
+        checkpoint_ok=None,
+        launcher="cli",
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1, done.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "hunter2" not in done.stderr + done.stdout
