@@ -6,6 +6,7 @@ sample ids with the same shards read from local disk, and counts what the server
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import subprocess
 import sys
@@ -173,8 +174,9 @@ def test_pipe_sources_expand_braces_and_read_like_files(shards, cached):
 
 
 def test_make_synthetic_uploads_to_the_s3_emulator_and_training_shards_read_back(
-    shards, cached, tmp_path
+    shards, cached, tmp_path, caplog
 ):
+    caplog.set_level(logging.INFO, logger="werkzeug")  # the emulator's request log
     with s3_emulator() as env, environment(env):
         make_bucket(env, "data")
         made = subprocess.run(
@@ -185,6 +187,9 @@ def test_make_synthetic_uploads_to_the_s3_emulator_and_training_shards_read_back
         )  # fmt: skip
         assert made.returncode == 0, made.stderr[-2000:]
         assert "s3://data/ds/manifest.json" in made.stdout
+        puts = [m.split('"PUT /', 1)[1].split(" ")[0] for m in caplog.messages if '"PUT /' in m]
+        puts = [p for p in puts if p.startswith("data/ds/")]  # not the bucket creation
+        assert len(puts) == 4 + 2 + 1 and puts[-1] == "data/ds/manifest.json", puts
         urls = expand_shards("s3://data/ds/", "data.train")
         assert len(urls) == 4
         assert _ids(urls) == _local_ids(shards, "train")
