@@ -254,3 +254,35 @@ def test_bad_remote_sources_are_one_line_exit_2(case, shards, tmp_path):
     for word in words:
         assert word in lines[0], lines[0]
     assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_convert_images_out_s3_matches_the_local_output_and_needs_overwrite(
+    tmp_path, cached, capsys
+):
+    from tests.test_convert import S, cli, dot_image, read_split, save_image, write_csv
+
+    rows = []
+    for i in range(8):
+        save_image(tmp_path / f"im{i}.png", dot_image(24, 24, 3 + 2 * i, 20 - 2 * i))
+        rows.append([f"im{i}.png", 3 + 2 * i, 20 - 2 * i, i % 2, f"g{i // 2}"])
+    write_csv(tmp_path / "labels.csv", ["path", "x", "y", "label", "g"], rows)
+    argv = ["convert", "images", "--csv", str(tmp_path / "labels.csv"), "--out", "s3://data/cv",
+            "--x-col", "x", "--y-col", "y", "--group-col", "g", "--size", str(S),
+            "--val-fraction", "0.25", "--workers", "1", "--shard-size", "2", "--block-size", "1"]  # fmt: skip
+    local = [*argv[:5], str(tmp_path / "local"), *argv[6:]]
+    with s3_emulator() as env, environment(env):
+        make_bucket(env, "data")
+        assert cli(argv) == 0
+        assert cli(local) == 0
+        import fsspec
+
+        fs = fsspec.filesystem("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("data/cv"))
+        assert names == sorted(p.name for p in (tmp_path / "local").iterdir() if p.is_file())
+        for split in ("train", "val"):
+            urls = expand_shards(f"s3://data/cv/{split}-*.tar", f"data.{split}")
+            assert sorted(_ids(urls)) == sorted(read_split(tmp_path / "local", split))
+        capsys.readouterr()
+        assert cli(argv) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "s3://data/cv" in line and "--overwrite" in line
