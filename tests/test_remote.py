@@ -6,6 +6,7 @@ sample ids with the same shards read from local disk, and counts what the server
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import subprocess
@@ -286,3 +287,26 @@ def test_convert_images_out_s3_matches_the_local_output_and_needs_overwrite(
         assert cli(argv) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "s3://data/cv" in line and "--overwrite" in line
+
+
+def test_training_through_a_faulty_server_completes_and_counts_each_retry(shards, tmp_path):
+    with shard_server(shards) as server:
+        server.slow_s = 0.5
+        server.faults = ["503", "503", "drop", "truncate", "slow", "503"]
+        done = run_cli(
+            ["train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+             f"data.train={server.url}/", f"data.val={server.url}/val-*.tar",
+             f"run.dir={tmp_path / 'run'}", "train.max_steps=12", "train.batch_size=8",
+             "train.eval_every=12", "data.num_workers=2", f"data.cache_dir={tmp_path / 'c'}"],
+            cli_env(tmp_path), timeout=300,
+        )  # fmt: skip
+        faults = [r for r in server.requests if r[2]]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(faults) == 6
+    retries = [line for line in done.stderr.splitlines() if "remote: " in line and "retry" in line]
+    assert len(retries) == 5, "\n".join(retries)  # every fault but `slow`
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [e for e in events if "train/bad_records" in e or "val/bad_records" in e]
+    assert logged and all(
+        e.get("train/bad_records", 0) == 0 and e.get("val/bad_records", 0) == 0 for e in logged
+    ), "a shard was lost to the faults"
