@@ -130,9 +130,11 @@ def predict_shards(
     `allow_unknown` (predict) admits unlabelled samples (label 255). `progress` names the
     bar rank 0 shows over its share. Rank 0 gets the predictions, other ranks None.
     """
+    from pipeline.data import cache
     from pipeline.inference import eval_transform
     from pipeline.runtime import autocast, resolve_precision
 
+    cache.configure(cfg.data)  # remote shards: the cache and retry settings of this run
     env = distributed.env()
     spec = StreamSpec(
         shards,

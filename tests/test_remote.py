@@ -289,6 +289,7 @@ def test_convert_images_out_s3_matches_the_local_output_and_needs_overwrite(
         assert "s3://data/cv" in line and "--overwrite" in line
 
 
+@pytest.mark.slow
 def test_training_through_a_faulty_server_completes_and_counts_each_retry(shards, tmp_path):
     with shard_server(shards) as server:
         server.slow_s = 0.5
