@@ -22,6 +22,7 @@ from pipeline.data import cache, remote
 from pipeline.data.format import expand_shards, manifest_counts
 from pipeline.data.loader import StreamSpec, read_blocks, worker_batches
 from pipeline.data.problems import ProblemLog
+from pipeline.errors import DataError
 from tests import reliability
 from tests.conftest import ROOT, cli_env, run_cli
 from tests.faults import small_shards
@@ -311,3 +312,16 @@ def test_training_through_a_faulty_server_completes_and_counts_each_retry(shards
     assert logged and all(
         e.get("train/bad_records", 0) == 0 and e.get("val/bad_records", 0) == 0 for e in logged
     ), "a shard was lost to the faults"
+
+
+def test_gs_urls_go_through_fsspec_and_name_the_missing_extra(cached):
+    # No GCS server or emulator runs here: this checks only the path up to the client.
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+
+        pytest.skip("gcsfs is installed; without network there is nothing more to check")
+    except ImportError:
+        pass
+    with pytest.raises(DataError, match=r"gs://bucket/ds/train-0.tar: .*pipeline\[gcs\]"):
+        expand_shards("gs://bucket/ds/train-{0..1}.tar", "data.train")
