@@ -19,6 +19,8 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
 
 Validation reads each shard once, in order, rank r taking shards[r::world].
 
+Remote shards (http(s)://, s3://, gs://, pipe:) are opened through the node-local cache
+(`pipeline.data.cache`), which downloads the next ones while a worker reads.
 Shards are read by `tar_records` (local files, one readinto per member) rather than
 webdataset's streaming tar reader, and batches leave DataLoader workers pickled by value
 (`ship`): both were measured bottlenecks. The files stay plain WebDataset tars.

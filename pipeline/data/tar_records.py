@@ -3,8 +3,8 @@
 webdataset's reader opens tars in streaming mode (`tarfile` "r|*"), which copies every
 member through 10 KiB chunks and parses every header in Python: on 48x48 blocks that held
 the training loader to about a fifth of the disk read rate. Our shards are always local
-files (`expand_shards` keeps only files), so we seek instead, parse the few header fields
-a shard needs (ustar, pax `path`/`size` records as written by `tarfile`, GNU long names),
+files (local shards, or the cache's copies of remote ones), so we seek instead, parse
+the few header fields a shard needs (ustar, pax `path`/`size` records as written by `tarfile`, GNU long names),
 and read each member's bytes into one writable bytearray that `decode_block` then views
 as arrays without copying. Records look like webdataset samples (`__key__`, `__url__`,
 one entry per suffix), so `decode_block` takes either.
