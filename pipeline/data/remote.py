@@ -93,6 +93,8 @@ class Counters:
 
 COUNTERS = Counters()
 _local = threading.local()
+# A loader worker forked while a prefetch thread held the lock would wait on it forever.
+os.register_at_fork(after_in_child=lambda: setattr(COUNTERS, "lock", threading.Lock()))
 
 
 def _session():
