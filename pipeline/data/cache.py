@@ -28,7 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.data.remote import RemoteSettings, download, is_remote, scrub
+from pipeline.data.remote import RemoteSettings, is_remote, scrub
+from pipeline.data.transfer import download
 
 log = logging.getLogger("pipeline")
 

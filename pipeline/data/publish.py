@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.data import cache
-from pipeline.data.remote import OBJECT_STORES, FetchError, probe, read_small, scrub, upload
+from pipeline.data.remote import OBJECT_STORES, FetchError, scrub
+from pipeline.data.transfer import probe, read_small, upload
 from pipeline.errors import DataError
 
 MANIFEST_NAME = "manifest.json"

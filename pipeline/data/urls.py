@@ -20,10 +20,9 @@ from pipeline.data.remote import (
     PIPE,
     FetchError,
     is_remote,
-    probe,
-    read_small,
     scrub,
 )
+from pipeline.data.transfer import probe, read_small
 from pipeline.errors import DataError
 
 if TYPE_CHECKING:
