@@ -83,6 +83,7 @@ def read_blocks(
     place: Placer | None = None,
     reader: str = "fast",
     allow_unknown: bool = False,
+    then: Sequence[str] = (),
 ) -> Iterator[Block]:
     """Decoded blocks of `shards`, in order; bad records are skipped and counted, or raise.
 
@@ -91,13 +92,16 @@ def read_blocks(
     Blocks whose sample shape is not `sample_shape` are bad records too (one odd shard
     would otherwise break batching far from its cause), and so is a shard with no records.
     `reader="webdataset"` reads through webdataset instead (no arena placement).
+    `then`: the shards read after these (the next epoch's), so remote prefetch carries on
+    across the boundary.
     """
     remote = any(is_remote(s) for s in shards)
+    upcoming = [*shards, *then]
     for index, shard in enumerate(shards):
         records = 0
         if remote:
             # Remote shards: the next ones download while this one is read.
-            ahead = shards[index + 1 : index + 1 + cache.settings().prefetch]
+            ahead = upcoming[index + 1 : index + 1 + cache.settings().prefetch]
             cache.shard_cache().prefetch([s for s in ahead if is_remote(s)])
         try:
             with cache.opened(shard) as path:
@@ -216,6 +220,7 @@ def _own_epoch(
     """
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker])
     shards = [spec.shards[i] for i in _epoch_shards(spec, epoch, worker, workers)]
+    following = [spec.shards[i] for i in _epoch_shards(spec, epoch + 1, worker, workers)]
     buffer: list[Block] = []
 
     def flush() -> Chunk:
@@ -234,6 +239,7 @@ def _own_epoch(
         sample_shape=spec.sample_shape,
         place=arena.place,
         reader=spec.reader,
+        then=following,
     ):
         buffer.append(block)
         if len(buffer) >= spec.shuffle_blocks:
