@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import DataConfig
 from pipeline.data.format import ALLOWED_DTYPES, MANIFEST_NAME
+from pipeline.data.problems import ProblemLog
 from pipeline.errors import DataError
 
 
@@ -38,13 +39,20 @@ def _manifest_shapes(directory: Path) -> dict[str, tuple[list[int], str, str]]:
         raise DataError(f"{path}: malformed manifest ({exc})") from None
 
 
-def _first_record(shard: str) -> tuple[list[int], str, str]:
-    from pipeline.data.loader import read_blocks
-    from pipeline.data.problems import ProblemLog
+class _Quiet(ProblemLog):
+    """Bad records are the loader's to report (data.on_error); this check only counts them."""
 
-    block = next(read_blocks([shard], "fail", ProblemLog(), meta=False), None)
+    def record(self, where: str, reason: str) -> None:
+        self.count += 1
+
+
+def _first_record(shard: str) -> tuple[list[int], str, str] | None:
+    """Shape and dtype of the first readable record of `shard`; None if it has none."""
+    from pipeline.data.loader import read_blocks
+
+    block = next(read_blocks([shard], "skip", _Quiet(), meta=False), None)
     if block is None:
-        raise DataError(f"{shard}: empty shard (a tar with no records)")
+        return None
     return list(block.patch.shape[1:]), block.patch.dtype.name, f"first record of {shard}"
 
 
@@ -75,7 +83,7 @@ def check_fit(sources: Any, cfg: DataConfig) -> None:
 
     `sources` has `.train` and `.val` shard lists (pipeline.data.sources.Sources). One
     manifest entry per split decides; only unlisted shards cost a read of one record, and
-    only the first such shard of each directory is read (a directory is one dataset).
+    only the first readable such shard of each directory (a directory is one dataset).
     """
     manifests: dict[Path, dict[str, tuple[list[int], str, str]]] = {}
     for key, shards in (("data.train", sources.train), ("data.val", sources.val)):
@@ -90,8 +98,11 @@ def check_fit(sources: Any, cfg: DataConfig) -> None:
             where_key = (directory, listed[2] if listed else "")
             if where_key in judged:
                 continue
+            found = listed or _first_record(shard)
+            if found is None:
+                continue  # no readable record: the loader skips or fails it (data.on_error)
             judged.add(where_key)
-            shape, dtype, where = listed if listed else _first_record(shard)
+            shape, dtype, where = found
             problem = mismatch(shape, dtype, cfg)
             if problem:
                 raise DataError(f"{key}: {problem} (from {where})")
