@@ -204,7 +204,19 @@ def _remove_stale(out_dir: Path, written: set[str]) -> None:
                 path.unlink()
 
 
+def refuse_non_empty(out: str | os.PathLike, overwrite: bool) -> None:
+    """ConfigError unless `out` is new or empty, or `overwrite` allows replacing it (as convert)."""
+    path = Path(out).expanduser()
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
+        raise ConfigError(
+            f"--out {out}: not empty ({entries[0].name}, ... {len(entries)} entries); "
+            "pass --overwrite to replace its shards"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
+    refuse_non_empty(args.out, args.overwrite)
     start = time.perf_counter()
     manifest = make_synthetic(
         args.out,
@@ -253,4 +265,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=48, help="stored patch size (largest crop)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards already in a non-empty --out"
+    )
     parser.set_defaults(func=_run)
