@@ -23,6 +23,7 @@ from pipeline.data.problems import ProblemLog
 from pipeline.errors import DataError
 from tests.conftest import TINY, cli_env, run_cli, run_torchrun
 from tests.faults import small_shards
+from tests.reliability import record
 
 K = 16  # samples per block
 
@@ -202,6 +203,10 @@ def test_skip_mode_trains_through_bad_shards_and_counts_every_skip(data, tmp_pat
         assert any(words in line for line in skips), name
         assert any(name in line for line in skips) or words == "NaN or Inf", name
     assert sum("NaN or Inf" in line for line in skips) == 1
+    flipped = [line for line in skips if "train-bad-flipped-pixel.tar" in line]
+    record("flipped bit in a patch, data.on_error=skip (record skipped, counted)",
+           exit_code=result.returncode, seconds=None, lines=len(flipped), checkpoint_ok=None,
+           launcher="cli")  # fmt: skip
     assert all("[rank 0]" in line and "main process" in line for line in skips)
     train = _events(run_dir, "train")
     assert train[-1]["step"] == 16
