@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import run_lock
 from pipeline.run_lock import LOCK_NAME, RunDirInUse, RunLock
 from tests.conftest import ROOT, cli_env, run_cli, train_args
 from tests.reliability import record
@@ -152,6 +154,48 @@ def test_exactly_one_of_many_simultaneous_contenders_gets_the_lock(tmp_path):
         p.join(30)
     assert outcomes == ["refused"] * 7 + ["won"]
     assert list(tmp_path.iterdir()) == []  # released, and no temp files left
+
+
+def test_lock_is_released_after_an_error_and_after_a_sigterm_stop(small_data, tmp_path):
+    env = cli_env(tmp_path)
+    failed = run_cli(
+        [*_short(small_data, tmp_path / "err"), "model.target=no_such_module:Net"], env
+    )
+    assert failed.returncode == 2 and "no_such_module" in failed.stderr
+    assert (tmp_path / "err").is_dir()  # created when the lock was taken
+    assert not (tmp_path / "err" / LOCK_NAME).exists()
+
+    run = tmp_path / "term"
+    args = train_args(small_data, run, "train.max_steps=100000", "train.eval_every=0")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "never started"
+            time.sleep(0.2)
+        assert (run / LOCK_NAME).exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_holder_renews_its_lease_while_it_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "LEASE_S", 0.6)  # renewed every 0.1 s instead of 15 s
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    path = tmp_path / LOCK_NAME
+    try:
+        old = time.time() - 100
+        os.utime(path, (old, old))  # as if not renewed for 100 s
+        time.sleep(0.5)
+        assert time.time() - path.stat().st_mtime < 5  # the lease thread touched it
+    finally:
+        lock.release()
+    assert not path.exists()
 
 
 @pytest.fixture(scope="module")
