@@ -215,12 +215,14 @@ def test_skip_mode_trains_through_bad_shards_and_counts_every_skip(data, tmp_pat
     assert evals and all(e["val/bad_records"] == 1 for e in evals)
 
 
-def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path):
+@pytest.mark.parametrize(("bad", "words"), [("nan", "NaN or Inf"),
+                                            ("flipped-pixel", "checksum mismatch")])  # fmt: skip
+def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path, bad, words):
     # A DataLoader worker raises: its traceback must not reach the user.
     args = _train_args(
         data["root"],
         tmp_path / "run",
-        "train-{000000,bad-nan}.tar",
+        f"train-{{000000,bad-{bad}}}.tar",
         "data.on_error=fail",
         "data.num_workers=1",
         "train.batch_size=8",
@@ -231,7 +233,7 @@ def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pipeline train: error: ")
-    assert "train-bad-nan.tar" in last and "NaN or Inf" in last
+    assert f"train-bad-{bad}.tar" in last and words in last
 
 
 @pytest.mark.slow
