@@ -49,7 +49,7 @@ def test_a_closed_stdout_exits_quietly(trained, tmp_path, command):
     }[command]
     result = _with_closed_stdout(args, cli_env(tmp_path))
     noise = result.stderr.splitlines()  # evaluate's progress line only
-    record(f"`pipeline {command} | head` (reader gone)", exit_code=result.returncode,
+    record(f"`pipeline {command}` into a closed pipe (as under `head`)", exit_code=result.returncode,
            seconds=None, lines=len(noise), checkpoint_ok=None, launcher="cli")  # fmt: skip
     assert result.returncode == 141, result.stderr
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr

@@ -70,8 +70,6 @@ def test_second_train_on_a_live_run_dir_exits_2_naming_the_holder(small_data, tm
         second = run_cli(_short(small_data, run), env, 120)
         seconds = time.monotonic() - started
         lines = second.stderr.strip().splitlines()
-        record("second train on a live run dir", exit_code=second.returncode, seconds=seconds,
-               lines=len(lines), checkpoint_ok=None, launcher="cli")  # fmt: skip
         assert second.returncode == 2, second.stderr
         assert len(lines) == 1 and "Traceback" not in second.stderr, lines
         assert f"pid {first.pid} on {socket.gethostname()}" in lines[0], lines[0]
@@ -86,6 +84,9 @@ def test_second_train_on_a_live_run_dir_exits_2_naming_the_holder(small_data, tm
     assert (run / "checkpoints" / "last.pt").exists()
     ends = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in ends].count("end") == 1
+    record("second train on a live run dir (the first one's checkpoints and log kept)",
+           exit_code=second.returncode, seconds=seconds, lines=len(lines), checkpoint_ok=True,
+           launcher="cli")  # fmt: skip
 
 
 def test_lock_of_a_dead_pid_is_taken_over_with_a_warning(small_data, tmp_path):
