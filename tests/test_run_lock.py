@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import run_lock
 from pipeline.run_lock import LOCK_NAME, RunDirInUse, RunLock
-from tests.conftest import ROOT, cli_env, run_cli, train_args
+from tests.conftest import ROOT, cli_env, run_cli, run_torchrun, train_args
 from tests.reliability import record
 
 
@@ -87,6 +87,22 @@ def test_second_train_on_a_live_run_dir_exits_2_naming_the_holder(small_data, tm
     record("second train on a live run dir (the first one's checkpoints and log kept)",
            exit_code=second.returncode, seconds=seconds, lines=len(lines), checkpoint_ok=True,
            launcher="cli")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_on_a_locked_run_dir_both_stop_at_once(small_data, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / LOCK_NAME).write_text(json.dumps(run_lock.holder_record()))  # this test: alive
+    started = time.monotonic()
+    result = run_torchrun(2, _short(small_data, run), cli_env(tmp_path), 120)
+    seconds = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if "error: run.dir" in line]
+    assert result.returncode != 0 and seconds < 60, result.stderr[-3000:]
+    # Rank 0 read the lock; rank 1 learned it by broadcast (it never touches the lock).
+    assert {e.split("]")[0] for e in errors} == {"[rank 0", "[rank 1"}, errors
+    assert all(f"in use by pid {os.getpid()}" in e for e in errors)
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()  # left alone
 
 
 def test_lock_of_a_dead_pid_is_taken_over_with_a_warning(small_data, tmp_path):
