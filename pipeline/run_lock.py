@@ -9,7 +9,8 @@ Shared filesystems decide the protocol. `flock` is absent or node-local on some 
 Lustre mounts, so the lock is a plain file:
 - taking it: the holder record is written to a private temp file, then `os.link`ed to
   `run.lock`. link() is atomic on NFS too: exactly one contender creates the name (a lost
-  reply is caught by the temp file's link count);
+  reply is caught by the temp file's link count). Where hard links are not supported,
+  `open(O_CREAT | O_EXCL)` creates it instead;
 - its lease: a background thread touches the lock's mtime every LEASE_S / 6 seconds;
 - a stale lock is moved aside (rename is atomic) and taken, with a warning. Stale means:
   the same SLURM job id with another restart count (a requeued job takes over its own
@@ -22,6 +23,7 @@ Lustre mounts, so the lock is a plain file:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ LOCK_NAME = "run.lock"
 LEASE_S = 90.0
 """A lock on another host whose mtime is older than this is stale (its holder renews it)."""
 _ATTEMPTS = 5
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
 class RunDirInUse(ConfigError):
@@ -165,9 +168,23 @@ class RunLock:
             return True
         except FileExistsError:
             return False
-        except OSError:
+        except OSError as exc:
             # NFS: the link may have been made while the reply was lost; the count tells.
-            return tmp.stat().st_nlink == 2
+            if tmp.stat().st_nlink == 2:
+                return True
+            if exc.errno not in _NO_LINKS:
+                raise
+        # A filesystem without hard links (some FUSE mounts): exclusive create instead. A
+        # reader may see it empty for a moment, which counts as a live, unknown holder.
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as stream:
+            stream.write(json.dumps(self.record))
+            stream.flush()
+            os.fsync(stream.fileno())
+        return True
 
     def _move_aside(self, held: dict[str, Any]) -> bool:
         """Remove the stale lock `held`, unless another contender replaced it meanwhile."""

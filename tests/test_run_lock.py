@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -159,7 +160,16 @@ def _contend(run_dir: str, results, done) -> None:
     lock.release()
 
 
-def test_exactly_one_of_many_simultaneous_contenders_gets_the_lock(tmp_path):
+def _no_hard_links(src, dst):
+    raise OSError(errno.ENOTSUP, "Operation not supported", str(dst))
+
+
+@pytest.mark.parametrize("filesystem", ["hard links", "no hard links"])
+def test_exactly_one_of_many_simultaneous_contenders_gets_the_lock(
+    tmp_path, monkeypatch, filesystem
+):
+    if filesystem == "no hard links":  # as on some FUSE mounts; none here to run on
+        monkeypatch.setattr(os, "link", _no_hard_links)
     ctx = multiprocessing.get_context("fork")
     results, done = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_contend, args=(str(tmp_path), results, done)) for _ in range(8)]
