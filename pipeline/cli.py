@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from pipeline.errors import PipelineError
@@ -53,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        return _closed_stdout()
     except PipelineError as exc:
         from pipeline.distributed import detect_env
 
@@ -68,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         logging.getLogger("pipeline").exception("pipeline %s failed", args.command)
         return 1
+
+
+def _closed_stdout() -> int:
+    """The reader of our stdout went away (`| head`): exit quietly, as Unix tools do.
+
+    Python's documented recipe: point stdout at /dev/null, so the flush at exit cannot
+    fail a second time. 141 is what a shell reports for a tool ended by SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import nn
 from pipeline import checkpoint
 from pipeline.config import Config, from_dict
 from pipeline.data.transforms import DeviceTransform
+from pipeline.errors import CheckpointError
 from pipeline.model import build_model
 
 
@@ -19,6 +20,7 @@ def load_trained(
     """(config, eval-mode model on `device`, raw checkpoint state); errors name the file."""
     state = checkpoint.load(path)
     cfg = from_dict(state["config"], overrides)
+    _check_architecture(path, state["config"], cfg)
     model = build_model(
         dims=cfg.data.dims,
         in_channels=cfg.data.channels,
@@ -32,9 +34,67 @@ def load_trained(
         hidden=cfg.model.hidden,
         dropout=cfg.model.dropout,
     )
-    model.load_state_dict(state["model"])
+    _load_weights(path, model, state["model"])
     model.to(device or torch.device("cpu")).eval()
     return cfg, model, state
+
+
+# Keys that shape the weights: an override of one of them cannot fit the saved tensors.
+ARCHITECTURE_KEYS = (
+    "data.dims",
+    "data.channels",
+    "data.scales",
+    "model.name",
+    "model.target",
+    "model.kwargs",
+    "model.width",
+    "model.depth",
+    "model.features",
+    "model.hidden",
+)
+
+
+def _check_architecture(path: str, saved: dict[str, Any], cfg: Config) -> None:
+    """CheckpointError naming every architecture key the overrides changed, in one line."""
+    changed = []
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):
+            continue  # an older checkpoint without this key: the weights decide below
+        before, now = saved[section][name], getattr(getattr(cfg, section), name)
+        now = list(now) if isinstance(now, (list, tuple)) else now
+        now = dict(now) if hasattr(now, "items") else now
+        if before != now:
+            changed.append(f"{key}={now} (checkpoint: {before})")
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path}: architecture differs: {'; '.join(changed)}; "
+            "drop these overrides (the saved weights fix them)"
+        )
+
+
+def _load_weights(path: str, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, with its many-line mismatch report cut to one line naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [
+        f"{k} {list(weights[k].shape)} vs {list(own[k].shape)}"
+        for k in own
+        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for label, keys in (
+                ("shape differs, checkpoint vs model", shapes),
+                ("missing from the checkpoint", missing),
+                ("not in the model", unexpected),
+            )
+            if keys
+        ]
+        raise CheckpointError(f"checkpoint {path}: model does not fit: {'; '.join(parts)}")
+    model.load_state_dict(weights)
 
 
 def eval_transform(cfg: Config) -> DeviceTransform:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import distributed, guard
+from pipeline import distributed, guard, run_lock
 from pipeline.config import Config
 from pipeline.data import sources as data_sources
+from pipeline.data.compat import check_fit
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader, check_readers
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import PipelineError
@@ -48,12 +49,14 @@ def train(cfg: Config) -> dict[str, Any]:
         keep_freed_memory()  # before the loader starts workers: forked ones inherit it
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
     try:
+        run_lock.acquire(cfg.run)  # one job per run dir; rank 0 holds it until the end
         result = Trainer(cfg, device).fit()
         # Only on success (a failed rank must not wait here): no rank tears down its
         # connections while another still finishes its last collective.
         distributed.barrier()
         return result
     finally:
+        run_lock.release()
         distributed.shutdown()
 
 
@@ -69,6 +72,7 @@ class Trainer:
         # Every rank checks the patterns (errors surface everywhere), then takes rank 0's
         # list: a lagging shared filesystem must not give ranks different shard lists.
         self.sources = distributed.broadcast_object(data_sources.resolve(cfg.data))
+        check_fit(self.sources, cfg.data)  # shards vs data.dims/channels/scales: one line
         check_readers(len(self.sources.train), env.world_size, cfg.data.num_workers)
         pos_weight = cfg.loss.pos_weight
         if pos_weight == "auto":

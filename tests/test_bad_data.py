@@ -2,7 +2,7 @@
 
 Every broken shard here is a real tar file broken the way real ones break: cut short, a
 record without its label, another crop size, float64, NaN/Inf, a label of 2, empty, a
-pickle member. Each also holds good records, so a skip must drop only the bad one.
+pickle member, a flipped bit in the pixels (format v2's checksum). Each also holds good records, so a skip must drop only the bad one.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.data.problems import ProblemLog
 from pipeline.errors import DataError
 from tests.conftest import TINY, cli_env, run_cli, run_torchrun
 from tests.faults import small_shards
+from tests.reliability import record
 
 K = 16  # samples per block
 
@@ -51,6 +53,7 @@ def _good(key: str, rng: np.random.Generator) -> dict:
 
 
 def _with(record: dict, **members: bytes | None) -> dict:
+    """`record` with members replaced or removed, checksum renewed: as a buggy writer wrote it."""
     record = dict(record)
     for suffix, data in members.items():
         name = suffix.replace("_", ".")
@@ -58,7 +61,18 @@ def _with(record: dict, **members: bytes | None) -> dict:
             del record[name]
         else:
             record[name] = data
+    if "patch.npy" in record and "label.npy" in record:
+        meta = json.loads(record["meta.json"])
+        meta["crc32"] = zlib.crc32(record["label.npy"], zlib.crc32(record["patch.npy"]))
+        record["meta.json"] = json.dumps(meta).encode()
     return record
+
+
+def _flipped(record: dict) -> dict:
+    """`record` with one bit of one pixel flipped after writing (disk, copy or memory)."""
+    patch = bytearray(record["patch.npy"])
+    patch[-100] ^= 0x10
+    return {**record, "patch.npy": bytes(patch)}
 
 
 def _floats(rng: np.random.Generator, bad: float) -> bytes:
@@ -84,6 +98,7 @@ def _bad_records(rng: np.random.Generator) -> dict[str, tuple[dict | None, str]]
             "labels must be 0 or 1",
         ),
         "pickle": (_with(base, extra_pyd=b"\x80\x04K\x01."), "needs pickle"),
+        "flipped-pixel": (_flipped(base), "checksum mismatch"),
     }
 
 
@@ -184,7 +199,14 @@ def test_skip_mode_trains_through_bad_shards_and_counts_every_skip(data, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     skips = [line for line in result.stderr.splitlines() if "skipped bad record" in line]
     for name, words in data["expected"].items():
-        assert any(name in line and words in line for line in skips), name
+        # One line per kind of problem: NaN and Inf are one kind, logged for one shard.
+        assert any(words in line for line in skips), name
+        assert any(name in line for line in skips) or words == "NaN or Inf", name
+    assert sum("NaN or Inf" in line for line in skips) == 1
+    flipped = [line for line in skips if "train-bad-flipped-pixel.tar" in line]
+    record("flipped bit in a patch, data.on_error=skip (record skipped, counted)",
+           exit_code=result.returncode, seconds=None, lines=len(flipped), checkpoint_ok=None,
+           launcher="cli")  # fmt: skip
     assert all("[rank 0]" in line and "main process" in line for line in skips)
     train = _events(run_dir, "train")
     assert train[-1]["step"] == 16
@@ -193,12 +215,14 @@ def test_skip_mode_trains_through_bad_shards_and_counts_every_skip(data, tmp_pat
     assert evals and all(e["val/bad_records"] == 1 for e in evals)
 
 
-def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path):
+@pytest.mark.parametrize(("bad", "words"), [("nan", "NaN or Inf"),
+                                            ("flipped-pixel", "checksum mismatch")])  # fmt: skip
+def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path, bad, words):
     # A DataLoader worker raises: its traceback must not reach the user.
     args = _train_args(
         data["root"],
         tmp_path / "run",
-        "train-{000000,bad-nan}.tar",
+        f"train-{{000000,bad-{bad}}}.tar",
         "data.on_error=fail",
         "data.num_workers=1",
         "train.batch_size=8",
@@ -209,7 +233,7 @@ def test_fail_mode_stops_with_one_line_naming_the_shard(data, tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pipeline train: error: ")
-    assert "train-bad-nan.tar" in last and "NaN or Inf" in last
+    assert f"train-bad-{bad}.tar" in last and words in last
 
 
 @pytest.mark.slow
@@ -287,3 +311,19 @@ def test_webdataset_reader_skips_exactly_what_the_fast_reader_skips(data):
             counts[reader] = (sum(len(b) for b in blocks), problems.count)
         assert counts["webdataset"] == counts["fast"], name
         assert counts["fast"][1] == 1, name
+
+
+def test_a_repeated_problem_is_summarised_not_logged_per_record(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    odd = _good("odd", rng)  # 48x48, where the config below wants 32x32
+    _tar(tmp_path / "odd.tar", [{**odd, "__key__": f"odd-{i}"} for i in range(120)])
+    problems = ProblemLog()
+    with caplog.at_level("WARNING", logger="pipeline.data"):
+        blocks = list(read_blocks([str(tmp_path / "odd.tar")], "skip", problems,
+                                  sample_shape=(1, 32, 32)))  # fmt: skip
+    assert blocks == [] and problems.count == 120  # every record still counted
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines  # the first in full, then at 10 and 100
+    assert "odd.tar:odd-0: samples of shape 1x48x48" in lines[0]
+    assert lines[1].startswith("skipped 10 bad records with the same problem")
+    assert lines[2].startswith("skipped 100 bad records with the same problem (100 in all")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import TINY, cli_env, run_cli
 from tests.faults import small_shards
+from tests.reliability import record
 
 
 def _train(*extra: str) -> list[str]:
@@ -91,6 +92,69 @@ CASES: dict[str, tuple] = {
     ),
 }
 
+# -- engineer B's rows (issue 14 §3, §6, §7): shards vs config, checkpoints vs overrides,
+# -- a run dir in use, make-synthetic over shards. Set up by _b_inputs().
+_CKPT = "{tmp}/run-ckpt/checkpoints/last.pt"
+_B_CASES = {
+    "data.dims=3 on 2D shards": (
+        _train("run.dir={tmp}/run-dims", "data.dims=3"),
+        ["data.train", "data.dims=3 but the shards hold 2D patches", "manifest.json"],
+    ),
+    "data.channels=3 on 1-channel shards": (
+        _train("run.dir={tmp}/run-channels", "data.channels=3"),
+        ["data.channels=3 but the shards hold 1-channel patches"],
+    ),
+    "data.scales beyond the stored patch": (
+        _train("run.dir={tmp}/run-scales", "data.scales=[16,32,64]"),
+        ["data.scales=[16, 32, 64]", "stored patch size 48"],
+    ),
+    "data.dims=3 on shards without a manifest": (
+        ["train", "--config", str(TINY), "data.train={tmp}/bare/train-*.tar",
+         "data.val={tmp}/bare/val-*.tar", "run.dir={tmp}/run-bare", "data.dims=3"],
+        ["data.dims=3", "first record of {tmp}/bare/train-"],
+    ),
+    "run dir in use by a live job": (
+        _train("run.dir={tmp}/run-locked"),
+        ["run.dir {tmp}/run-locked is in use by pid", "started"],
+    ),
+    "evaluate with another model.width": (
+        ["evaluate", "--checkpoint", _CKPT, "model.width=16"],
+        [_CKPT, "model.width=16 (checkpoint: 4)"],
+    ),
+    "predict with another model.width": (
+        ["predict", "--checkpoint", _CKPT, "--shards", "{data}/val-*.tar", "--out",
+         "{tmp}/preds.csv", "model.width=16"],
+        [_CKPT, "model.width=16 (checkpoint: 4)"],
+    ),
+    "export with another model.depth and data.channels": (
+        ["export", "--checkpoint", _CKPT, "--format", "torchscript", "--out", "{tmp}/m.pt",
+         "model.depth=3", "data.channels=3"],
+        ["data.channels=3 (checkpoint: 1)", "model.depth=3 (checkpoint: 2)"],
+    ),
+    "make-synthetic into a non-empty --out": (
+        ["make-synthetic", "--out", "{data}", "--train", "16", "--val", "16"],
+        ["--out {data}: not empty", "--overwrite"],
+    ),
+}  # fmt: skip
+CASES.update(_B_CASES)
+
+
+def _b_inputs(tmp, data, env) -> None:
+    """A trained checkpoint, shards without a manifest, a live lock."""
+    import json
+    import shutil
+
+    from pipeline.run_lock import LOCK_NAME, holder_record
+
+    trained = run_cli([*(a.replace("{data}", str(data)) for a in _train()),
+                       f"run.dir={tmp}/run-ckpt", "train.max_steps=2"], env, 180)  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (tmp / "bare").mkdir()
+    for shard in data.glob("*.tar"):
+        shutil.copy(shard, tmp / "bare" / shard.name)
+    (tmp / "run-locked").mkdir()
+    (tmp / "run-locked" / LOCK_NAME).write_text(json.dumps(holder_record()))  # us: alive
+
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict:
@@ -100,6 +164,7 @@ def outcomes(tmp_path_factory) -> dict:
     (tmp / "a-file").write_text("a regular file, not a directory\n")
     (tmp / "not-a-checkpoint.pt").write_bytes(b"PK\x03\x04 truncated zip")
     env = cli_env(tmp)
+    _b_inputs(tmp, data, env)
 
     def fill(text: str) -> str:
         return text.replace("{tmp}", str(tmp)).replace("{data}", str(data))
@@ -117,6 +182,9 @@ def outcomes(tmp_path_factory) -> dict:
 def test_bad_input_exits_2_with_one_line_naming_the_problem(outcomes, case):
     result, words = outcomes[case]
     lines = result.stderr.strip().splitlines()
+    if case in _B_CASES:  # the README's reliability table lists these faults
+        record(case, exit_code=result.returncode, seconds=None, lines=len(lines),
+               checkpoint_ok=None, launcher="cli")  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert len(lines) == 1, lines

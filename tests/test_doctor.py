@@ -36,6 +36,8 @@ def test_healthy_setup_passes_with_exit_0_and_never_prints_the_wandb_key(tiny_sh
         assert line_for(done.stdout, name).startswith(OK)
     assert line_for(done.stdout, "GPUs")  # "!" here (no GPU), which is no failure
     assert line_for(done.stdout, "data.train records").endswith("decodes: [1, 48, 48] uint8")
+    # It says how much it read: 3 of 4 shards, one block of 64 samples from each.
+    assert "first record of 3 of 4 shard(s) (192 samples, 9.4% of 2048" in done.stdout
     assert "2048 samples, 512 positive" in done.stdout  # the train manifest
     assert "credentials in WANDB_API_KEY" in done.stdout
     assert key not in output and key[:8] not in output

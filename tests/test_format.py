@@ -8,6 +8,7 @@ import webdataset as wds
 
 from pipeline.data.format import (
     decode_block,
+    encode_block,
     expand_shards,
     manifest_counts,
     write_split,
@@ -91,3 +92,38 @@ def test_pickled_members_and_object_arrays_are_refused(tmp_path):
 def test_pattern_that_matches_nothing_names_key_and_pattern(tmp_path):
     with pytest.raises(DataError, match=r"data.train: pattern '.*nothing-\*.tar' matches no shard"):
         expand_shards(str(tmp_path / "nothing-*.tar"), "data.train")
+
+
+def _flip_pixel(record: dict) -> dict:
+    patch = bytearray(record["patch.npy"])
+    patch[-1] ^= 1
+    return {**record, "patch.npy": bytes(patch)}
+
+
+def test_v2_checksum_catches_a_flipped_pixel_whichever_way_meta_is_read():
+    rng = np.random.default_rng(0)
+    record = encode_block("k", rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8),
+                          np.array([0, 1, 0, 1], np.uint8), list("abcd"))  # fmt: skip
+    assert json.loads(record["meta.json"])["version"] == 2
+    for meta in (True, False):
+        decode_block(record, meta=meta)  # intact: fine
+        with pytest.raises(DataError, match="k: checksum mismatch"):
+            decode_block(_flip_pixel(record), meta=meta)
+    # Another writer's key order: the checksum is found by a full parse instead.
+    reordered = json.loads(record["meta.json"])
+    reordered = {"ids": reordered["ids"], "crc32": reordered["crc32"], "version": 2}
+    other = {**_flip_pixel(record), "meta.json": json.dumps(reordered).encode()}
+    with pytest.raises(DataError, match="checksum mismatch"):
+        decode_block(other, meta=False)
+
+
+def test_v1_records_without_a_checksum_are_still_read():
+    rng = np.random.default_rng(0)
+    record = encode_block("k", rng.integers(0, 256, (2, 1, 8, 8), dtype=np.uint8),
+                          np.array([0, 1], np.uint8), ["a", "b"])  # fmt: skip
+    v1 = {
+        **_flip_pixel(record),
+        "meta.json": json.dumps({"version": 1, "ids": ["a", "b"]}).encode(),
+    }
+    for meta in (True, False):
+        assert len(decode_block(v1, meta=meta)) == 2

@@ -19,6 +19,7 @@ from pipeline.data.format import MANIFEST_NAME, decode_block
 from pipeline.data.phantoms import KINDS, NEGATIVE_KINDS, POSITIVE_KINDS
 from pipeline.data.synthetic import add_parser, make_synthetic, render_candidates
 from pipeline.errors import ConfigError
+from tests.conftest import cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,3 +222,19 @@ def test_small_crop_alone_classifies_clearly_worse_than_three_scales():
         torch.set_num_threads(threads)
     assert three > 0.85, (three, centre_only)
     assert three - centre_only > 0.1, (three, centre_only)
+
+
+def test_cli_refuses_a_non_empty_out_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    small(out, n_train=32, n_val=16, train_shards=1, block_size=16)
+    shard = out / "train-000000.tar"
+    before = shard.stat().st_mtime_ns
+    args = ["make-synthetic", "--out", str(out), "--train", "48", "--val", "16",
+            "--shards", "1", "--workers", "1", "--no-progress"]  # fmt: skip
+    refused = run_cli(args, cli_env(tmp_path), 120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"--out {out}: not empty" in refused.stderr and "--overwrite" in refused.stderr
+    assert shard.stat().st_mtime_ns == before  # nothing deleted, nothing rewritten
+    replaced = run_cli([*args, "--overwrite"], cli_env(tmp_path), 120)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / MANIFEST_NAME).read_text())["splits"]["train"]["samples"] == 48

@@ -1,4 +1,4 @@
-"""`pipeline convert images|volumes`: bring your own data into shard format v1.
+"""`pipeline convert images|volumes`: bring your own data into shard format v2.
 
 Only argument parsing lives here; `convert_images` and `convert_volumes` do the work and
 can be called directly with keyword arguments. Pillow, tifffile and SimpleITK (the

@@ -1,10 +1,13 @@
-"""Shard format v1: block records of K samples, written and read without pickle.
+"""Shard format v2: block records of K samples, written and read without pickle.
 
 A record is one tar member group `<key>.patch.npy`, `<key>.label.npy`, `<key>.meta.json`:
 - `patch.npy`: [K, C, S, S] (2D) or [K, C, S, S, S] (3D), stored dtype as written;
 - `label.npy`: [K], values 0/1 (uint8), or 255 = unknown (candidates to score with
   `pipeline predict`; training and evaluation refuse them);
-- `meta.json`: {"version": 1, "ids": [...], "groups": [...] | null, "coords": [...] | null}.
+- `meta.json`: {"version": 2, "crc32": N, "ids": [...], "groups": [...] | null,
+  "coords": [...] | null}. `crc32` is zlib.crc32 over the bytes of patch.npy, then
+  label.npy (headers included): a flipped bit in the pixels is a bad record, not a silent
+  one. v1 records (no crc32) are still read, unchecked.
 
 Only the largest crop is stored; the smaller scales are centre crops taken on the device.
 Blocks keep per-sample Python work out of the hot loop: one decode yields K samples.
@@ -18,6 +21,8 @@ import io
 import json
 import math
 import os
+import re
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +34,7 @@ from numpy.lib import format as npformat
 
 from pipeline.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARD_MTIME = 0  # member timestamps: fixed, so the same samples give the same shard bytes
 MANIFEST_NAME = "manifest.json"
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "float16", "float32")
@@ -83,16 +88,19 @@ def encode_block(
     check_block_arrays(patch, label, source=key, allow_unknown=True)
     if len(ids) != len(label):
         raise DataError(f"{key}: {len(ids)} ids for {len(label)} samples")
+    patch_bytes, label_bytes = _npy_bytes(patch), _npy_bytes(label.astype(np.uint8))
     meta = {
+        # version and crc32 first: training reads them from the prefix without parsing ids.
         "version": FORMAT_VERSION,
+        "crc32": zlib.crc32(label_bytes, zlib.crc32(patch_bytes)),
         "ids": [str(i) for i in ids],
         "groups": None if groups is None else [str(g) for g in groups],
         "coords": None if coords is None else [[float(c) for c in row] for row in coords],
     }
     return {
         "__key__": key,
-        "patch.npy": _npy_bytes(patch),
-        "label.npy": _npy_bytes(label.astype(np.uint8)),
+        "patch.npy": patch_bytes,
+        "label.npy": label_bytes,
         "meta.json": json.dumps(meta).encode(),
     }
 
@@ -176,6 +184,42 @@ def _load_npy(data: Any, member: str) -> np.ndarray:
         raise DataError(f"{member}: cannot decode .npy without pickle ({exc})") from None
 
 
+_META_PREFIX = re.compile(rb'\{"version": (\d+)(?:, "crc32": (\d+))?')
+
+
+def _member_crc(data: Any, crc: int = 0) -> int:
+    """zlib.crc32 of one member's bytes, also when the reader placed header and payload apart."""
+    for part in data if isinstance(data, list) else (data,):
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _stored_crc(raw: Any) -> int | None:
+    """The crc32 a record's meta.json holds (None for v1), read from its first bytes.
+
+    Our writer puts version and crc32 first; anything else is parsed in full.
+    """
+    match = _META_PREFIX.match(bytes(memoryview(raw)[:64]))
+    if match is not None and (match.group(2) or match.group(1) == b"1"):
+        return None if match.group(2) is None else int(match.group(2))
+    try:
+        return json.loads(bytes(raw)).get("crc32")
+    except (ValueError, AttributeError):
+        return None  # reported by the full parse when ids are wanted
+
+
+def verify_checksum(sample: dict[str, Any], stored: int | None, key: str) -> None:
+    """DataError naming `key` when the arrays' bytes do not match meta.json's crc32 (v2)."""
+    if stored is None:
+        return
+    found = _member_crc(sample["label.npy"], _member_crc(sample["patch.npy"]))
+    if found != stored:
+        raise DataError(
+            f"{key}: checksum mismatch (crc32 {found:08x}, meta.json says {stored:08x}): "
+            "corrupt patch or label bytes"
+        )
+
+
 def decode_block(sample: dict[str, Any], meta: bool = True, allow_unknown: bool = False) -> Block:
     """A webdataset sample dict (raw bytes per member) -> validated Block; DataError if bad.
 
@@ -193,11 +237,13 @@ def decode_block(sample: dict[str, Any], meta: bool = True, allow_unknown: bool 
     label = _load_npy(sample["label.npy"], f"{key}.label.npy")
     check_block_arrays(patch, label, source=key, allow_unknown=allow_unknown)
     if not meta:
+        verify_checksum(sample, _stored_crc(sample["meta.json"]), key)
         return Block(patch, label.astype(np.uint8), [], None, None)
     try:
         meta = json.loads(sample["meta.json"])
     except ValueError as exc:
         raise DataError(f"{key}: meta.json is not valid JSON ({exc})") from None
+    verify_checksum(sample, meta.get("crc32") if isinstance(meta, dict) else None, key)
     ids = meta.get("ids") or [f"{sample.get('__key__', 'block')}/{i}" for i in range(len(label))]
     if len(ids) != len(label):
         raise DataError(f"{key}: meta.json has {len(ids)} ids for {len(label)} samples")

@@ -204,11 +204,25 @@ def _remove_stale(out_dir: Path, written: set[str]) -> None:
                 path.unlink()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipeline.data.publish import output_dir
+def refuse_non_empty(out: str | os.PathLike, overwrite: bool) -> None:
+    """ConfigError unless `out` is new or empty, or `overwrite` allows replacing it (as convert)."""
+    path = Path(out).expanduser()
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
+        raise ConfigError(
+            f"--out {out}: not empty ({entries[0].name}, ... {len(entries)} entries); "
+            "pass --overwrite to replace its shards"
+        )
 
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.data.publish import is_upload_target, output_dir
+
+    if not is_upload_target(args.out):
+        refuse_non_empty(args.out, args.overwrite)
     start = time.perf_counter()
-    with output_dir(args.out) as out:  # s3:// and gs://: uploaded, the manifest last
+    # s3:// and gs://: uploaded, the manifest last (an existing remote one needs --overwrite)
+    with output_dir(args.out, overwrite=args.overwrite) as out:
         manifest = make_synthetic(
             out,
             dims=args.dims,
@@ -258,4 +272,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=48, help="stored patch size (largest crop)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace shards already in a non-empty --out"
+    )
     parser.set_defaults(func=_run)

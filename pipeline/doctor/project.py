@@ -80,8 +80,9 @@ def _split(cfg: Config, key: str, pattern: str) -> Iterator[Check]:
         )
     else:
         yield Check(OK, key, f"{len(paths)} shards match {pattern!r}")
-    yield _decode(cfg, key, paths[:SHARDS_TO_DECODE])
     counts = manifest_counts(paths)
+    total = sum(c.samples for c in counts.values()) if len(counts) == len(paths) else None
+    yield _decode(cfg, key, paths[:SHARDS_TO_DECODE], len(paths), total)
     if len(counts) == len(paths):
         samples = sum(c.samples for c in counts.values())
         positives = sum(c.positives for c in counts.values())
@@ -102,13 +103,15 @@ def _split(cfg: Config, key: str, pattern: str) -> Iterator[Check]:
         )
 
 
-def _decode(cfg: Config, key: str, paths: list[str]) -> Check:
-    """The first record of each of `paths` decodes and fits data.dims/channels/scales."""
+def _decode(cfg: Config, key: str, paths: list[str], shards: int, samples: int | None) -> Check:
+    """The first record of each of `paths` decodes, matches its checksum and fits
+    data.dims/channels/scales; says how much of the `shards` (`samples`) that sampled."""
     from pipeline.data.loader import read_blocks
     from pipeline.data.problems import ProblemLog
 
     name = f"{key} records"
     shapes = set()
+    sampled = 0
     for path in paths:
         try:
             block = next(read_blocks([path], "fail", ProblemLog()), None)
@@ -142,8 +145,13 @@ def _decode(cfg: Config, key: str, paths: list[str]) -> Check:
                 FAIL, name, f"{path}: {problem}", "match data.dims/channels/scales to the shards"
             )
         shapes.add(f"{list(patch.shape[1:])} {patch.dtype}")
+        sampled += len(block)
+    share = f", {100 * sampled / samples:.1f}% of {samples}" if samples else ""
     return Check(
-        OK, name, f"first record of {len(paths)} shard(s) decodes: {', '.join(sorted(shapes))}"
+        OK,
+        name,
+        f"sampled the first record of {len(paths)} of {shards} shard(s) ({sampled} samples"
+        f"{share}; `pipeline check-shards` reads all): decodes: {', '.join(sorted(shapes))}",
     )
 
 
