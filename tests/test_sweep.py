@@ -22,7 +22,7 @@ def test_agent_style_arguments_resolve_to_the_same_config_as_a_dotlist(tiny_shar
         agent: train_args(tiny_shards, agent, "train.max_steps=2", *[f"--{k}={v}" for k, v in settings.items()]),
         dotlist: train_args(tiny_shards, dotlist, "train.max_steps=2", *[f"{k}={v}" for k, v in settings.items()]),
     }  # fmt: skip
-    for run_dir, args in runs.items():
+    for args in runs.values():
         result = run_cli(args, env)
         assert result.returncode == 0, result.stderr[-3000:]
     configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in (agent, dotlist)]
@@ -93,9 +93,11 @@ def test_summary_names_unfinished_points_and_never_ranks_them(tiny_shards, tmp_p
         (out / name).mkdir()
         (out / name / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
-    evals = lambda *v: [
-        {"event": "eval", "step": 10 * (i + 1), "val/auroc": x} for i, x in enumerate(v)
-    ]  # noqa: E731
+    def evals(*values: float) -> list[dict]:
+        return [
+            {"event": "eval", "step": 10 * (i + 1), "val/auroc": x} for i, x in enumerate(values)
+        ]
+
     write("point-000", [*evals(0.6, 0.7), {"event": "end", "step": 20, "stopped": False}])
     write("point-001", [*evals(0.9, 0.8), {"event": "end", "step": 20, "stopped": False}])
     write("point-002", [*evals(0.99), {"event": "end", "step": 10, "stopped": True}])
