@@ -52,10 +52,18 @@ def agent_args_as_overrides(argv: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pipeline import sweep_task
+    from pipeline.runtime import requested_run_dir
     from pipeline.train import train
 
     cfg = config_module.load(args.config, args.overrides)
+    main = distributed.detect_env().rank == 0
+    if main:  # under slurm/sweep.sbatch: how to restart this run after a requeue
+        argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]
+        sweep_task.started(argv, requested_run_dir(cfg.run.dir))
     result = train(cfg)
+    if main and result is not None:
+        sweep_task.ended(bool(result.get("stopped")))
     return 0 if result is not None else 1
 
 

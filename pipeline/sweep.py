@@ -144,8 +144,8 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def point_command(space: Space, point: dict[str, Any], run_dir: Path) -> list[str]:
-    """The command a W&B agent would run for `point`, with this point's run dir."""
+def point_command(space: Space, point: dict[str, Any], run_dir: Path | None) -> list[str]:
+    """The command a W&B agent would run for `point`, with this point's run dir (if any)."""
     hyphens = [f"--{k}={_format(v)}" for k, v in point.items()]
     plain = [f"{k}={_format(v)}" for k, v in point.items()]
     out: list[str] = []
@@ -160,7 +160,7 @@ def point_command(space: Space, point: dict[str, Any], run_dir: Path) -> list[st
             out.append(part)
     if out and out[0] == "pipeline":  # the venv's own pipeline, whatever PATH says
         out[:1] = [sys.executable, "-m", "pipeline"]
-    return out + [f"run.dir={run_dir}"]
+    return out + ([f"run.dir={run_dir}"] if run_dir is not None else [])
 
 
 def plan(space: Space, out: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,3 +180,62 @@ def test_slurm_array_trains_each_point_in_its_own_task(tiny_shards, tmp_path):
         ]
     finally:
         subprocess.run(["scancel", job], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@requires_slurm
+def test_requeued_agent_task_resumes_its_own_run_then_takes_the_rest_of_its_count(
+    tiny_shards, tmp_path
+):
+    """slurm/sweep.sbatch with a stand-in for `wandb agent` (no W&B server runs here)."""
+    from tests.slurm_helpers import (
+        TERMINAL_STATES,
+        job_state,
+        log_text,
+        start_requeued_now,
+        submit,
+        wait_for_state,
+        wait_until,
+    )
+
+    grid = {"optim.lr": {"values": [0.001, 0.002, 0.003]}}
+    space = _space(tmp_path, tiny_shards, parameters=grid)
+    command = yaml.safe_load(space.read_text())["command"]
+    command[-1:-1] = ["train.max_steps=30", "train.log_every=1", "wandb.mode=offline"]
+    space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()), "command": command}))
+    agent = f"{sys.executable} {Path(__file__).parent / 'sweep_agent_standin.py'}"
+    env = job_env({**cli_env(tmp_path), "WANDB_AGENT": agent, "PYTHON": sys.executable})
+    job = submit(
+        "sweep.sbatch", str(space), "2",
+        sbatch_args=["--cpus-per-task=1", "--gpus-per-node=1", "--time=00:10:00"],
+        env=env, log_dir=tmp_path,
+    )  # fmt: skip
+    runs = tmp_path / "runs" / f"sweep-{space.stem}"
+    try:
+        first = lambda: [d for d in runs.glob("*") if _steps(d) >= 5]  # noqa: E731
+        ended = lambda: job_state(job) in TERMINAL_STATES  # noqa: E731
+        wait_until(lambda: bool(first()) or ended(), 240, "the first run at step 5", job)
+        assert first(), f"job ended {job_state(job)}:\n{log_text(job)[-3000:]}"
+        (run,) = first()
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+        wait_for_state(job, "PENDING", timeout=120)
+        start_requeued_now(job)
+        wait_for_state(job, "COMPLETED", timeout=300)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    dirs = sorted(runs.glob("*"))
+    assert len(dirs) == 2 and run in dirs  # the resumed run and one more: COUNT 2
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ends = [(e["step"], e["stopped"]) for e in events if e["event"] == "end"]
+    assert ends[0][1] is True and ends[-1] == (30, False)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [ends[0][0]]
+    assert json.loads(space.with_name(space.name + ".taken").read_text()) == [0, 1]
+
+
+def _steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if '"train"' in x]
+    return max(steps, default=0)
