@@ -63,8 +63,7 @@ def summarize(out: Path) -> dict[str, Any]:
 def format_table(summary: dict[str, Any]) -> str:
     """A plain-text table: rank, point, best metric @ step, the parameters that differ."""
     rows = summary["ranked"] + summary["not_ranked"]
-    keys = sorted({k for r in rows for k in r["params"]})
-    varying = [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1] or keys
+    varying = _varying(rows)
     header = ["rank", "point", summary["metric"], "step", "status", *varying]
     lines = [header]
     for row in rows:
@@ -76,6 +75,12 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines
     )
+
+
+def _varying(rows: list[dict[str, Any]]) -> list[str]:
+    """The parameters whose values differ between points (all of them if none differ)."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    return [k for k in keys if len({json.dumps(r["params"].get(k)) for r in rows}) > 1] or keys
 
 
 def _short(value: Any) -> str:
@@ -96,15 +101,16 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["ranked"] + summary["not_ranked"]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    colors = plt.get_cmap("tab20").colors
+    varying = _varying(rows)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    colors = plt.get_cmap("tab10").colors
     for i, row in enumerate(rows):
         if not row["curve"]:
             continue
         steps, values = zip(*row["curve"], strict=True)
-        label = (
-            f"#{row['rank']} {row['name']}" if "rank" in row else f"{row['name']} ({row['status']})"
-        )
+        params = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(row['params'].get(k))}" for k in varying)
+        where = f"#{row['rank']}" if "rank" in row else f"({row['status']})"
+        label = f"{where} {row['name']}  {params}"
         style = "-" if "rank" in row else ":"
         ax.plot(steps, values, style, color=colors[i % len(colors)], marker="o", ms=3, label=label)
         if row["best_step"] is not None:
