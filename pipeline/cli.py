@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", parser_class=_Parser)
     commands.add_train_parser(subparsers)
     commands.add_evaluate_parser(subparsers)
+    commands.add_sweep_parser(subparsers)
     add_synthetic(subparsers)
     add_convert(subparsers)
     report.add_parser(subparsers)
@@ -49,8 +50,10 @@ def one_line(exc: PipelineError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.commands import agent_args_as_overrides
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(agent_args_as_overrides(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOG_CHECKPOINTS = ("none", "best", "all")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -324,9 +325,13 @@ class WandbConfig:
     """Free-text notes."""
     init_timeout: float = 90.0
     """Seconds to wait for W&B to start before continuing with local logging only."""
+    log_checkpoints: str = "best"
+    """Checkpoints as W&B model artifacts: `none`; `best` (best.pt when it improves, and
+    last.pt once at the end); `all` (also last.pt at every save). Bounds the upload size."""
 
     def __post_init__(self) -> None:
         _choice(self.mode, "wandb.mode", WANDB_MODES)
+        _choice(self.log_checkpoints, "wandb.log_checkpoints", LOG_CHECKPOINTS)
         _require(self.init_timeout > 0, "wandb.init_timeout", "must be > 0")
 
 

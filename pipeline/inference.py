@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline import checkpoint
-from pipeline.config import Config, from_dict
+from pipeline.config import Config, default_cache_dir, from_dict
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import CheckpointError
 from pipeline.model import build_model
@@ -17,8 +18,11 @@ from pipeline.model import build_model
 def load_trained(
     path: str, overrides: list[str] | None = None, device: torch.device | None = None
 ) -> tuple[Config, nn.Module, dict[str, Any]]:
-    """(config, eval-mode model on `device`, raw checkpoint state); errors name the file."""
-    state = checkpoint.load(path)
+    """(config, eval-mode model on `device`, raw checkpoint state); errors name the file.
+
+    `path` may be a W&B model artifact, `wandb:ENTITY/PROJECT/NAME:ALIAS`.
+    """
+    state = checkpoint.load(resolve_checkpoint(path))
     cfg = from_dict(state["config"], overrides)
     _check_architecture(path, state["config"], cfg)
     model = build_model(
@@ -95,6 +99,15 @@ def _load_weights(path: str, model: nn.Module, weights: dict[str, torch.Tensor])
         ]
         raise CheckpointError(f"checkpoint {path}: model does not fit: {'; '.join(parts)}")
     model.load_state_dict(weights)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local checkpoint path; `wandb:` artifact references are downloaded (cached) first."""
+    from pipeline.tracking.wandb_checkpoint import fetch, is_reference
+
+    if is_reference(str(path)):
+        return fetch(str(path), default_cache_dir())
+    return Path(path)
 
 
 def eval_transform(cfg: Config) -> DeviceTransform:

@@ -33,7 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="score shards with a checkpoint; writes one row per sample (CSV or Parquet)",
         description="Score every sample of the shards with a trained checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="path to a .pt checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="path to a .pt checkpoint, or a W&B model artifact wandb:ENTITY/PROJECT/NAME:ALIAS",
+    )
     parser.add_argument(
         "--shards", required=True, help="shard pattern, e.g. 'shards/test-{000..009}.tar'"
     )

@@ -158,6 +158,13 @@ class RunState:
         tracker = Tracker(self.run_dir, main, self.step, self.cfg.train.max_steps, sink)
         if main:
             tracker.event("resume" if resumed else "start", self.step, {"system": self.system})
+            sources = self.trainer.sources
+            tracker.declare_data(
+                {"train": sources.train, "val": sources.val},
+                to_dict(self.cfg),
+                self.system.get("git_commit"),
+                self.cfg.wandb.log_checkpoints,
+            )
             log.info(
                 "run dir %s | %s | global batch %d | pos_weight %.3g",
                 self.run_dir,
@@ -303,6 +310,13 @@ class RunState:
                     "pos_weight": trainer.pos_weight,
                 },
                 best=improved,
+            )
+            self.tracker.checkpoint_saved(
+                trainer.step,
+                self.checkpoints.dir,
+                improved,
+                final=trainer.step >= self.cfg.train.max_steps,
+                metrics=self.last_metrics,
             )
         self.improved = False
         distributed.barrier()

@@ -55,13 +55,23 @@ def _probe_write(probe: Path) -> None:
     probe.unlink()
 
 
-def resolve_run_dir(requested: str | None) -> Path:
-    """The configured dir, or runs/<SLURM job id | timestamp>, agreed by all ranks."""
+def requested_run_dir(requested: str | None) -> Path:
+    """The configured dir, or runs/sweep-<id>/<run id> under a W&B sweep agent, or
+    runs/<SLURM job id | timestamp>."""
+    sweep, agent_run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     if requested:
-        path = Path(requested).expanduser()
-    else:
-        job = os.environ.get("SLURM_JOB_ID")
-        path = Path("runs") / (f"slurm-{job}" if job else time.strftime("%Y%m%d-%H%M%S"))
+        return Path(requested).expanduser()
+    if sweep and agent_run:
+        # Under a W&B sweep agent: one dir per sweep run, found again when the agent (or a
+        # requeued SLURM task) re-runs the same run id, so it resumes its own checkpoint.
+        return Path("runs") / f"sweep-{sweep}" / agent_run
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path("runs") / (f"slurm-{job}" if job else time.strftime("%Y%m%d-%H%M%S"))
+
+
+def resolve_run_dir(requested: str | None) -> Path:
+    """`requested_run_dir`, agreed by all ranks (rank 0's clock names a timestamped dir)."""
+    path = requested_run_dir(requested)
     path = Path(distributed.broadcast_object(str(path)))
     try:
         if distributed.is_main():

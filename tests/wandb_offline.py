@@ -155,3 +155,25 @@ def read_summary(run_dir: Path, run_id: str | None = None) -> dict[str, Any]:
             for item in record.summary.update:
                 summary[_key(item)] = json.loads(item.value_json)
     return summary
+
+
+def read_artifacts(run_dir: Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Artifacts logged by the run's pieces (oldest first): name, type, aliases, metadata,
+    and each manifest entry as (path, reference URI, digest)."""
+    found = []
+    for path in _pick(run_dir, run_id):
+        for record in read_records(path):
+            if record.WhichOneof("record_type") != "artifact":
+                continue
+            art = record.artifact
+            found.append(
+                {
+                    "run_file": path.name,
+                    "name": art.name,
+                    "type": art.type,
+                    "aliases": set(art.aliases),
+                    "metadata": json.loads(art.metadata or "{}"),
+                    "entries": [(m.path, m.ref, m.digest) for m in art.manifest.contents],
+                }
+            )
+    return found

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.tracking import artifacts
 from pipeline.tracking.progress import Progress
 
 log = logging.getLogger("pipeline")
@@ -72,6 +73,46 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(step, values)
             self.wandb.log_curves(step, labels, probs)
+
+    def declare_data(
+        self,
+        splits: dict[str, list[str]],
+        config: dict[str, Any],
+        git_commit: str | None,
+        log_checkpoints: str,
+    ) -> None:
+        """Record which shards this run reads (W&B dataset artifacts by reference) and
+        remember what model artifacts need: config, data digests, commit, the policy."""
+        if not self.enabled:
+            return
+        self._lineage = {
+            "config": config,
+            "data": {s: artifacts.data_digest(shards) for s, shards in splits.items() if shards},
+            "git_commit": git_commit,
+            "policy": log_checkpoints,
+        }
+        self._write("data", 0, {"data_digest": self._lineage["data"]})
+        if self.wandb is not None:
+            self.wandb.declare_data(splits)
+
+    def checkpoint_saved(
+        self, step: int, folder: Path, improved: bool, final: bool, metrics: dict[str, float]
+    ) -> None:
+        """Log checkpoints as W&B model artifacts per `wandb.log_checkpoints` (rank 0).
+
+        best.pt (aliases `best`, `step-N`) whenever it improved; last.pt (`latest`,
+        `step-N`) at every save with `all`, and at the end of the run with `best`.
+        """
+        lineage = getattr(self, "_lineage", None)
+        if self.wandb is None or lineage is None or lineage["policy"] == "none":
+            return
+        meta = artifacts.model_metadata(
+            step, metrics, lineage["config"], lineage["data"], lineage["git_commit"]
+        )
+        if improved and (folder / "best.pt").is_file():
+            self.wandb.log_model(folder / "best.pt", ["best", f"step-{step}"], meta)
+        if (final or lineage["policy"] == "all") and (folder / "last.pt").is_file():
+            self.wandb.log_model(folder / "last.pt", ["latest", f"step-{step}"], meta)
 
     def warn(self, step: int, message: str, local: bool = False) -> None:
         """A loud warning: console, the local record and W&B.

@@ -81,6 +81,14 @@ class Plan:
     resume_of: str | None
 
 
+def sweep_run_id(env: dict[str, str] | None = None) -> str | None:
+    """The run id a W&B sweep agent assigned (WANDB_SWEEP_ID and WANDB_RUN_ID set), or None."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        return env["WANDB_RUN_ID"]
+    return None
+
+
 def _new_id() -> str:
     # Same alphabet and length as wandb's own ids; no wandb import needed to plan.
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
@@ -105,6 +113,11 @@ def plan_run(target: Target, run_dir: Path, resumed_from_step: int | None) -> Pl
     steps are not dropped as lower than those W&B already holds.
     """
     stored = read_run_file(run_dir)
+    agent_id = sweep_run_id()
+    if agent_id is not None:
+        # A W&B sweep agent started us and owns the id (it also re-runs a preempted run
+        # under the same id): keep it, resumable, in the group of the run dir's history.
+        return Plan(agent_id, target.name, target.group, "allow", None)
     if stored is None or not stored.get("segments"):
         group = target.group or (target.name if target.mode == "offline" else None)
         return Plan(

@@ -20,8 +20,13 @@ import numpy as np
 from pipeline.config import WandbConfig
 from pipeline.data.remote import scrub_tree
 from pipeline.errors import ConfigError
-from pipeline.tracking import curves
-from pipeline.tracking.wandb_identity import plan_run, record_segment, resolve_target
+from pipeline.tracking import artifacts, curves
+from pipeline.tracking.wandb_identity import (
+    plan_run,
+    read_run_file,
+    record_segment,
+    resolve_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,11 @@ class WandbSink:
         # quietly: after a resume from an earlier checkpoint the W&B curve has a flat gap.
         self._min_step = int(self._run.starting_step or 0) if self._run.resumed else 0
         record_segment(run_dir, plan, self.target.mode, resumed_from_step)
+        # One model collection for the whole run directory: resumed segments (new W&B ids
+        # offline) keep adding versions to the collection the first segment started.
+        first_id = (read_run_file(run_dir) or {}).get("id") or plan.id
+        self.model_collection = f"model-{first_id}"
+        self._logged: dict[str, set[str]] = {}  # file digest -> aliases already logged
         where = self._run.dir.rsplit("/files", 1)[0] if self._run.dir else self.target.dir
         if self.target.mode == "offline":
             log.info(
@@ -144,6 +154,59 @@ class WandbSink:
             self._run.log(_plots(points), step=step)
         except Exception as exc:
             self._give_up("log_curves", exc)
+
+    def declare_data(self, splits: dict[str, list[str]]) -> None:
+        """Each split's shards as a dataset artifact of references: lineage, no upload.
+
+        Online the run *uses* the artifact (W&B draws data -> run -> model). Offline runs
+        cannot declare inputs (wandb refuses `use_artifact` offline), so there the run
+        logs the same artifact as an output; `wandb sync` uploads it with the run.
+        """
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            for split, shards in splits.items():
+                if not shards:
+                    continue
+                meta = artifacts.dataset_metadata(split, shards)
+                art = wandb.Artifact(
+                    f"data-{split}-{meta['digest']}", type="dataset", metadata=meta
+                )
+                for shard in shards:
+                    uri = artifacts.reference_uri(shard)
+                    # checksum=False: W&B must neither read nor list the shards.
+                    art.add_reference(uri, name=uri.rsplit("/", 1)[-1], checksum=False)
+                if self.target.mode == "online":
+                    self._run.use_artifact(art)
+                else:
+                    self._run.log_artifact(art)
+        except Exception as exc:
+            self._give_up("declare_data", exc)
+
+    def log_model(self, path: Path, aliases: list[str], metadata: dict[str, Any]) -> None:
+        """One checkpoint file as a version of this run's model collection.
+
+        A file whose bytes were already logged with these aliases (last.pt unchanged since
+        the last save) is skipped. Same bytes with new aliases (last.pt equal to best.pt at
+        the end) are logged again: W&B then adds the aliases to the existing version and
+        uploads nothing, because it stores files by content digest.
+        """
+        if self._run is None:
+            return
+        try:
+            digest = artifacts.file_digest(path)
+            if set(aliases) <= self._logged.get(digest, set()):
+                return
+            import wandb
+
+            art = wandb.Artifact(self.model_collection, type="model", metadata=metadata)
+            art.add_file(str(path), name=path.name)  # copied to staging: path may change
+            self._run.log_artifact(art, aliases=aliases)
+            self._logged.setdefault(digest, set()).update(aliases)
+        except Exception as exc:
+            self._give_up("log_model", exc)
 
     def alert(self, message: str) -> None:
         """A W&B alert online; offline, a summary entry (an offline alert would fire at sync)."""
