@@ -70,6 +70,58 @@ class SyntheticConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation: on the device, batch-wise, off for validation.
+
+    Deterministic per `train.seed` (each rank draws from its own generator, saved in every
+    checkpoint), so resumes stay bit-exact. `data.augment=false` turns all of it off.
+    """
+
+    enabled: bool = True
+    """Master switch (`data.augment=true|false` sets only this)."""
+    flips: bool = True
+    """Random flips along every axis and 90-degree rotations (all symmetries of the grid)."""
+    translate: int = 0
+    """Largest shift of the crop centre per axis, in pixels/voxels (integer shifts). Needs a
+    stored margin: at most (data.patch_size - largest scale) // 2."""
+    rotate: float = 0.0
+    """Largest rotation in degrees, any angle up to it (2D: in plane; 3D: about a random axis)."""
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """Zoom factor range [lo, hi] (> 1 zooms in); [1, 1] = off."""
+    affine_p: float = 1.0
+    """Probability per sample of the translation/rotation/zoom above."""
+    intensity_scale: float = 0.0
+    """Multiply by 1 + U(-a, a) (after the window and normalisation)."""
+    intensity_shift: float = 0.0
+    """Add U(-b, b), in normalised units."""
+    intensity_p: float = 0.5
+    """Probability per sample of the intensity change."""
+    noise_std: float = 0.0
+    """Standard deviation of additive Gaussian noise, in normalised units; 0 = off."""
+    noise_p: float = 0.5
+    """Probability per sample of the noise."""
+
+    def __post_init__(self) -> None:
+        _require(self.translate >= 0, "data.augment.translate", "must be >= 0")
+        _require(0 <= self.rotate <= 180, "data.augment.rotate", "must be in [0, 180] degrees")
+        _require(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            "data.augment.scale",
+            "must be [lo, hi] with 0 < lo <= hi",
+        )
+        for name in ("affine_p", "intensity_p", "noise_p"):
+            _require(0 <= getattr(self, name) <= 1, f"data.augment.{name}", "must be in [0, 1]")
+        for name in ("intensity_scale", "intensity_shift", "noise_std"):
+            _require(getattr(self, name) >= 0, f"data.augment.{name}", "must be >= 0")
+        _require(self.intensity_scale < 1, "data.augment.intensity_scale", "must be < 1")
+
+    @property
+    def affine(self) -> bool:
+        """Whether any translation, rotation or zoom is configured."""
+        return bool(self.translate or self.rotate or list(self.scale) != [1.0, 1.0])
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they reach the model."""
 
@@ -80,7 +132,10 @@ class DataConfig:
     dims: int = 2
     """2 for images (crops S x S), 3 for volumes (S x S x S)."""
     scales: list[int] = field(default_factory=lambda: [16, 32, 48])
-    """Crop sizes fed to the model, smallest first; the largest must equal the stored size."""
+    """Crop sizes fed to the model, smallest first (concentric, around the patch centre)."""
+    patch_size: int | None = None
+    """Stored patch size S of the shards; null = the largest scale. A larger S leaves a
+    margin of (S - largest scale) // 2 for `data.augment.translate`."""
     channels: int = 1
     """Channels per stored patch."""
     mean: float = 0.0
@@ -89,8 +144,8 @@ class DataConfig:
     """Divides after `mean`. The default window maps to [0, 1]; mean/std then standardise."""
     window: list[float] | None = field(default_factory=lambda: [0.0, 255.0])
     """Intensity window [lo, hi]: clip then scale to [0, 1] (e.g. HU [-1000, 400]); null = off."""
-    augment: bool = True
-    """Random flips and 90-degree rotations on training batches (device side, batch-wise)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation (see `data.augment.*`); `data.augment=false` turns it off."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = read in the training process)."""
     prefetch_factor: int = 4
@@ -123,6 +178,21 @@ class DataConfig:
         _require(
             list(self.scales) == sorted(self.scales), "data.scales", "must be in increasing order"
         )
+        if self.patch_size is None:
+            self.patch_size = self.scales[-1]
+        _require(
+            self.patch_size >= self.scales[-1],
+            "data.patch_size",
+            f"must be >= the largest scale {self.scales[-1]}, got {self.patch_size}",
+        )
+        margin = (self.patch_size - self.scales[-1]) // 2
+        _require(
+            self.augment.translate <= margin,
+            "data.augment.translate",
+            f"{self.augment.translate} exceeds the stored margin {margin} (data.patch_size "
+            f"{self.patch_size} - largest scale {self.scales[-1]}) / 2; store larger patches "
+            "(make-synthetic --size, convert --patch-size) or lower it",
+        )
         _require(self.channels > 0, "data.channels", "must be > 0")
         _require(self.std > 0, "data.std", "must be > 0")
         if self.window is not None:
@@ -140,10 +210,6 @@ class DataConfig:
         _require(self.prefetch_shards >= 0, "data.prefetch_shards", "must be >= 0")
         _require(self.remote_timeout_s > 0, "data.remote_timeout_s", "must be > 0")
         _require(self.remote_retries >= 0, "data.remote_retries", "must be >= 0")
-
-    @property
-    def patch_size(self) -> int:
-        return self.scales[-1]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -406,6 +472,24 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return prefix + first_line
 
 
+def _legacy_overrides(overrides: list[str]) -> list[str]:
+    """`data.augment=true|false` (before augmentation became a section) -> `.enabled`."""
+    return [
+        f"data.augment.enabled={item.split('=', 1)[1]}"
+        if item.split("=", 1)[0] == "data.augment"
+        else item
+        for item in overrides
+    ]
+
+
+def _legacy_mapping(values: Any) -> Any:
+    """A config mapping (YAML file, old checkpoint) with `data.augment: bool` as a section."""
+    data = values.get("data") if hasattr(values, "get") else None
+    if data is not None and hasattr(data, "get") and isinstance(data.get("augment"), bool):
+        data["augment"] = {"enabled": data["augment"]}
+    return values
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotlist overrides, validated; raises ConfigError on bad input."""
     merged = OmegaConf.structured(Config)
@@ -417,12 +501,13 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
             file_cfg = OmegaConf.load(path)
             if not isinstance(file_cfg, DictConfig):
                 raise ConfigError(f"config file {path}: must be a mapping of sections")
-            merged = OmegaConf.merge(merged, file_cfg)
+            merged = OmegaConf.merge(merged, _legacy_mapping(file_cfg))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}': expected key=value (e.g. optim.lr=3e-4)")
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(_legacy_overrides(list(overrides)))
+            merged = OmegaConf.merge(merged, dotlist)
         cfg = OmegaConf.to_object(merged)
     except ConfigError:
         raise
@@ -457,9 +542,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a checkpoint's), with optional overrides."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), _legacy_mapping(OmegaConf.create(values))
+        )
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(_legacy_overrides(list(overrides)))
+            merged = OmegaConf.merge(merged, dotlist)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None

@@ -57,7 +57,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     group = parser.add_argument_group("output")
     group.add_argument(
-        "--size", type=int, default=48, help="patch side S in pixels/voxels (default 48)"
+        "--size",
+        type=int,
+        default=48,
+        help="patch side S in pixels/voxels (default 48); larger than the largest crop leaves a margin for data.augment.translate",
     )
     group.add_argument(
         "--pad",

@@ -269,7 +269,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shards", type=int, default=defaults.shards, help="training shards (val: a quarter, >= 2)"
     )
-    parser.add_argument("--size", type=int, default=48, help="stored patch size (largest crop)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=48,
+        help="stored patch size (default 48 = the largest crop; larger leaves a margin for data.augment.translate, then train with data.patch_size=SIZE)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
