@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,15 @@ from pipeline.tracking.progress import work_progress
 
 @dataclass
 class Predictions:
+    """One row per sample, in gathered order; traceable to its candidate by id/group/coords."""
+
     labels: np.ndarray
     logits: np.ndarray
     ids: list[str]
     groups: list[str] | None
     bad_records: int = 0
+    coords: np.ndarray | None = None
+    """[n, D] from the shard meta: world (x, y, z) mm for volumes, pixel (x, y) for images."""
 
     @property
     def probs(self) -> np.ndarray:
@@ -43,7 +48,15 @@ class Predictions:
             [i for p in parts for i in p.ids],
             groups,
             sum(p.bad_records for p in parts),
+            _concat_coords([p.coords for p in parts if len(p.ids)]),
         )
+
+
+def _concat_coords(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """All parts' coordinates, or None unless every part has them with one width."""
+    if not parts or any(c is None for c in parts) or len({c.shape[1] for c in parts}) != 1:
+        return None
+    return np.concatenate(parts)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -65,7 +78,7 @@ def predict_local(
     mine = spec.shards[spec.rank :: spec.world_size]
     workers = min(num_workers, len(mine))
     loader = build_loader(EvalStream(spec), workers, device.type == "cuda", 2)
-    labels, logits, ids, groups = [], [], [], []
+    labels, logits, ids, groups, coords = [], [], [], [], []
     bad: dict[int, int] = {}
     have_groups = True
     total = _samples_in(mine) if progress is not None else None
@@ -81,6 +94,8 @@ def predict_local(
                 have_groups = False
             else:
                 groups.extend(batch["groups"])
+            where = batch.get("coords")
+            coords.append(None if where is None else np.asarray(where, dtype=np.float64))
             worker, count = batch["bad_records"].tolist()
             bad[worker] = count
             bar.update(len(batch["label"]))
@@ -91,6 +106,7 @@ def predict_local(
         ids,
         groups if have_groups else None,
         sum(bad.values()),
+        _concat_coords(coords),
     )
 
 
@@ -155,3 +171,22 @@ def predict_shards(
             cfg.data.num_workers,
             progress if env.rank == 0 else None,
         )
+
+
+def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
+    """One evaluation's predictions as .npz (no pickle): what `pipeline report` reads.
+
+    Arrays: labels, probs, logits, ids, and where the shards have them groups (scan ids)
+    and coords ([n, D]); read back with `load_predictions_file`.
+    """
+    arrays: dict[str, np.ndarray] = {
+        "labels": preds.labels,
+        "probs": preds.probs,
+        "logits": preds.logits,
+        "ids": np.asarray(preds.ids, dtype=str),
+    }
+    if preds.groups is not None:
+        arrays["groups"] = np.asarray(preds.groups, dtype=str)
+    if preds.coords is not None:
+        arrays["coords"] = preds.coords
+    np.savez_compressed(path, **arrays)
