@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from pipeline import config as config_module
-from pipeline import distributed
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,9 +31,37 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="score a checkpoint on validation shards; prints JSON metrics"
+        "evaluate",
+        help="score a checkpoint on validation shards, or a LUNA16 submission CSV; prints JSON",
+        description="Score a checkpoint on its validation shards (candidate metrics; with "
+        "--annotations also the LUNA16 FROC/CPM per nodule), or score any LUNA16 submission "
+        "CSV (--predictions) against the annotations, without a checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="path to a .pt checkpoint")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="path to a .pt checkpoint")
+    source.add_argument(
+        "--predictions",
+        help="a LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability) to score",
+    )
+    parser.add_argument(
+        "--annotations",
+        help="annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm): LUNA16 FROC/CPM",
+    )
+    parser.add_argument(
+        "--excluded", help="annotations_excluded.csv: marks on these findings are ignored"
+    )
+    parser.add_argument(
+        "--scans",
+        help="the evaluated scans, one seriesuid per line (default: the scans with marks); "
+        "scans without marks still count in FP/scan",
+    )
+    parser.add_argument(
+        "--max-marks", type=int, default=100, help="marks kept per scan, best first (default 100)"
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples of scans (default 1000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("overrides", nargs="*", help="e.g. data.val='shards/val-*.tar'")
     parser.set_defaults(func=run_evaluate)
 
@@ -46,37 +73,46 @@ def eval_dir(checkpoint: Path) -> Path:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate import LunaOptions, evaluate_checkpoint, score_submission
 
-    from pipeline.data.sources import resolve
-    from pipeline.evaluate import metrics_of, predict_shards
-    from pipeline.inference import load_trained
-    from pipeline.metrics import probability_histogram
-    from pipeline.runtime import setup_logging
-
-    env = distributed.detect_env()
-    setup_logging(env.rank)
-    cfg, _, _ = load_trained(args.checkpoint, args.overrides)
-    device = distributed.select_device(cfg.train.device, env.local_rank)
-    distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
-    try:
-        cfg, model, _ = load_trained(args.checkpoint, args.overrides, device)
-        val = resolve(cfg.data).val
-        preds = predict_shards(model, cfg, val, device, progress="evaluate")
-        if distributed.is_main():
-            metrics = metrics_of(preds)
-            out_dir = eval_dir(Path(args.checkpoint))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            histogram = probability_histogram(preds.labels, preds.probs)
-            (out_dir / f"histogram-{Path(args.checkpoint).stem}.json").write_text(
-                json.dumps(histogram)
-            )
-            # Strict JSON: undefined metrics (one class only) are null, not NaN.
-            clean = {
-                k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()
-            }
-            json.dump(clean, sys.stdout, indent=2, default=float)
-            print()
-        distributed.barrier()  # rank 0 scored and wrote; everyone leaves together
-    finally:
-        distributed.shutdown()
+    if args.annotations is None:
+        for flag, value in (
+            ("--predictions", args.predictions),
+            ("--excluded", args.excluded),
+            ("--scans", args.scans),
+        ):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --annotations annotations.csv")
+    if args.predictions is not None and args.overrides:
+        raise ConfigError("overrides apply to --checkpoint only, not to --predictions")
+    if args.max_marks < 0:
+        raise ConfigError(f"--max-marks must be >= 0 (0: keep all), got {args.max_marks}")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    luna = None
+    if args.annotations is not None:
+        luna = LunaOptions(
+            args.annotations, args.excluded, args.scans, args.max_marks, args.bootstrap, args.seed
+        )
+    if args.predictions is not None:
+        result = score_submission(args.predictions, luna)  # type: ignore[arg-type]
+    else:
+        result = evaluate_checkpoint(
+            args.checkpoint, args.overrides, eval_dir(Path(args.checkpoint)), luna
+        )
+    if result is not None:
+        # Strict JSON: undefined metrics (one class only) are null, not NaN.
+        json.dump(_strict(result), sys.stdout, indent=2, default=float)
+        print()
     return 0
+
+
+def _strict(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

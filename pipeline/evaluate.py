@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,3 +192,88 @@ def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
     if preds.coords is not None:
         arrays["coords"] = preds.coords
     np.savez_compressed(path, **arrays)
+
+
+@dataclass(frozen=True)
+class LunaOptions:
+    """What `pipeline evaluate --annotations ...` scores against (see pipeline.luna16)."""
+
+    annotations: str
+    excluded: str | None = None
+    scans: str | None = None
+    max_marks: int = 100
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+def _luna_score(marks, luna: LunaOptions):
+    from pipeline import luna16
+
+    return luna16.score_files(
+        marks,
+        luna.annotations,
+        luna.excluded,
+        luna.scans,
+        luna.max_marks,
+        luna.bootstrap,
+        luna.seed,
+    )
+
+
+def score_submission(path: str, luna: LunaOptions) -> dict[str, Any]:
+    """FROC/CPM of a LUNA16 submission CSV, whichever system wrote it (no checkpoint)."""
+    from pipeline import luna16
+
+    return _luna_score(luna16.read_marks(path), luna).summary()
+
+
+def evaluate_checkpoint(
+    checkpoint: str, overrides: list[str], out_dir: Path, luna: LunaOptions | None = None
+) -> dict[str, Any] | None:
+    """A checkpoint on its validation shards: candidate metrics (+ LUNA16 CPM), files in out_dir.
+
+    Writes out_dir/{histogram,predictions}-<checkpoint stem>.{json,npz} and, with `luna`,
+    froc-<stem>.json. Returns the metrics on rank 0, None on other ranks.
+    """
+    from pipeline import luna16
+    from pipeline.data.sources import resolve
+    from pipeline.inference import load_trained
+    from pipeline.metrics import probability_histogram
+    from pipeline.runtime import setup_logging
+
+    env = distributed.detect_env()
+    setup_logging(env.rank)
+    if luna is not None:  # bad files fail here, on every rank, before any work
+        luna16.read_findings(luna.annotations)
+        if luna.excluded is not None:
+            luna16.read_findings(luna.excluded, "--excluded")
+        if luna.scans is not None:
+            luna16.read_scans(luna.scans)
+    cfg, _, _ = load_trained(checkpoint, overrides)
+    device = distributed.select_device(cfg.train.device, env.local_rank)
+    distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
+    metrics, problem = None, None
+    try:
+        cfg, model, _ = load_trained(checkpoint, overrides, device)
+        val = resolve(cfg.data).val
+        preds = predict_shards(model, cfg, val, device, progress="evaluate")
+        if distributed.is_main():
+            stem = Path(checkpoint).stem
+            out_dir.mkdir(parents=True, exist_ok=True)
+            metrics = metrics_of(preds)
+            histogram = probability_histogram(preds.labels, preds.probs)
+            (out_dir / f"histogram-{stem}.json").write_text(json.dumps(histogram))
+            save_predictions(out_dir / f"predictions-{stem}.npz", preds)
+            if luna is not None:
+                try:
+                    result = _luna_score(luna16.marks_of_predictions(preds), luna)
+                    luna16.write_curve(out_dir / f"froc-{stem}.json", result)
+                    metrics.update(result.summary())
+                except DataError as exc:
+                    problem = exc  # raised after the barrier: no rank waits for rank 0
+        distributed.barrier()  # rank 0 scored and wrote; everyone leaves together
+    finally:
+        distributed.shutdown()
+    if problem is not None:
+        raise problem
+    return metrics

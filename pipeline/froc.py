@@ -1,6 +1,6 @@
 """LUNA16 FROC and CPM per nodule, as the challenge scores a submission (Setio et al. 2017).
 
-Inputs are marks (seriesuid, world x/y/z in mm, probability), the reference nodules
+Pure numpy; reading the challenge's CSV files is `pipeline.luna16`. Inputs are marks (seriesuid, world x/y/z in mm, probability), the reference nodules
 (`annotations.csv`: seriesuid, coordX, coordY, coordZ, diameter_mm), optional irrelevant
 findings (`annotations_excluded.csv`, same columns) and the evaluated scans. Semantics,
 matched to the challenge's `noduleCADEvaluationLUNA16.py`:
@@ -27,11 +27,9 @@ matched to the challenge's `noduleCADEvaluationLUNA16.py`:
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -39,8 +37,6 @@ from pipeline.errors import DataError
 
 LUNA16_FPS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 EXCLUDED_DEFAULT_DIAMETER = 10.0  # the challenge's radius for findings without a size
-FINDING_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-SUBMISSION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 
 
 @dataclass
@@ -63,58 +59,6 @@ class Matched:
     fp_scores: np.ndarray
     fp_scan: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def _read_table(path: str | Path, columns: Sequence[str], what: str) -> list[dict[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path}: file not found")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{what} {path}: missing column(s) {', '.join(missing)}")
-        return list(reader)
-
-
-def _floats(row: dict[str, str], names: Sequence[str], path: str | Path, line: int) -> list[float]:
-    try:
-        values = [float(row[n]) for n in names]
-    except (TypeError, ValueError):
-        raise DataError(f"{path} row {line}: {', '.join(names)} must be numbers") from None
-    if not np.isfinite(values).all():
-        raise DataError(f"{path} row {line}: {', '.join(names)} must be finite")
-    return values
-
-
-def read_findings(path: str | Path, what: str = "--annotations") -> dict[str, np.ndarray]:
-    """seriesuid -> [M, 4] (x, y, z, diameter mm) from an annotations.csv-style file."""
-    found: dict[str, list[list[float]]] = defaultdict(list)
-    for line, row in enumerate(_read_table(path, FINDING_COLUMNS, what), start=2):
-        found[row["seriesuid"]].append(_floats(row, FINDING_COLUMNS[1:], path, line))
-    return {uid: np.asarray(rows, dtype=np.float64) for uid, rows in found.items()}
-
-
-def read_marks(path: str | Path) -> Marks:
-    """A LUNA16 submission CSV (seriesuid,coordX,coordY,coordZ,probability)."""
-    rows = _read_table(path, SUBMISSION_COLUMNS, "--predictions")
-    values = [_floats(r, SUBMISSION_COLUMNS[1:], path, n) for n, r in enumerate(rows, start=2)]
-    table = np.asarray(values, dtype=np.float64).reshape(-1, 4)
-    return Marks([r["seriesuid"] for r in rows], table[:, :3], table[:, 3])
-
-
-def read_scans(path: str | Path) -> list[str]:
-    """Scan ids from a one-column file (header `seriesuid` optional), order kept, unique."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--scans {path}: file not found")
-    with open(path, newline="") as handle:
-        cells = [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
-    if cells and cells[0] == "seriesuid":
-        cells = cells[1:]
-    if not cells:
-        raise DataError(f"--scans {path}: lists no scans")
-    return list(dict.fromkeys(cells))
 
 
 def _within(points: np.ndarray, findings: np.ndarray) -> np.ndarray:
@@ -214,7 +158,9 @@ class _Scorer:
 
     def __init__(self, matched: Matched) -> None:
         scores = np.r_[matched.hit_scores, matched.fp_scores]
-        is_hit = np.r_[np.ones(matched.hit_scores.size, bool), np.zeros(matched.fp_scores.size, bool)]
+        is_hit = np.r_[
+            np.ones(matched.hit_scores.size, bool), np.zeros(matched.fp_scores.size, bool)
+        ]
         scan = np.r_[matched.hit_scan, matched.fp_scan]
         order = np.argsort(-scores, kind="stable")
         self.scores, self.is_hit, self.scan = scores[order], is_hit[order], scan[order]
@@ -302,20 +248,6 @@ def froc_score(
         low, high = np.nanpercentile(draws, [tail, 100.0 - tail], axis=0)
         ci = {k: (float(a), float(z)) for k, a, z in zip(keys, low, high, strict=True)}
         lo, hi = np.nanpercentile(bands, [tail, 100.0 - tail], axis=0)
-    return FrocResult(curve, sens, float(sens.mean()), dict(matched.counts), ci, (grid, lo, hi), tuple(rates))
-
-
-def evaluate_marks(
-    marks: Marks,
-    annotations: str | Path,
-    excluded: str | Path | None = None,
-    scans: str | Path | Sequence[str] | None = None,
-    limit: int = 100,
-    bootstrap: int = 1000,
-    seed: int = 0,
-) -> FrocResult:
-    """Everything from files: what `pipeline evaluate --annotations` runs."""
-    nodules = read_findings(annotations)
-    other = read_findings(excluded, "--excluded") if excluded is not None else None
-    listed = read_scans(scans) if isinstance(scans, (str, Path)) else scans
-    return froc_score(match(marks, nodules, other, listed, limit), bootstrap=bootstrap, seed=seed)
+    return FrocResult(
+        curve, sens, float(sens.mean()), dict(matched.counts), ci, (grid, lo, hi), tuple(rates)
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import froc
+from pipeline import froc, luna16
 from pipeline.errors import DataError
 
 # Five scans: A and B have marks; C has a nodule but no marks; D and E have neither.
@@ -132,14 +132,14 @@ def test_files_round_trip_and_bad_files_name_the_flag(tmp_path):
     sub.write_text("seriesuid,coordX,coordY,coordZ,probability\nA,1,0,0,0.9\nA,30,0,0,0.8\n")
     scans = tmp_path / "seriesuids.csv"
     scans.write_text("A\nC\n")
-    result = froc.evaluate_marks(froc.read_marks(sub), ann, scans=scans, bootstrap=0)
+    result = luna16.score_files(luna16.read_marks(sub), ann, scans=scans, bootstrap=0)
     assert result.counts["hits"] == 1 and result.counts["misses"] == 1
     # (0,0) (0,.5) (.5,.5): 0.5 at every rate.
     assert result.cpm == pytest.approx(0.5)
     bad = tmp_path / "bad.csv"
     bad.write_text("seriesuid,coordX,coordY\nA,1,2\n")
     with pytest.raises(DataError, match="--predictions .*missing column.*coordZ"):
-        froc.read_marks(bad)
+        luna16.read_marks(bad)
     bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nA,1,2,x,4\n")
     with pytest.raises(DataError, match="row 2"):
-        froc.read_findings(bad)
+        luna16.read_findings(bad)

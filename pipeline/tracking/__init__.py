@@ -66,7 +66,15 @@ class Tracker:
         shown = " ".join(
             f"{k.split('/', 1)[-1]} {v:.4f}"
             for k, v in values.items()
-            if k in ("val/auroc", "val/ap", "val/sensitivity", "val/specificity", "val/cpm", "val/cpm_candidate")
+            if k
+            in (
+                "val/auroc",
+                "val/ap",
+                "val/sensitivity",
+                "val/specificity",
+                "val/cpm",
+                "val/cpm_candidate",
+            )
         )
         self.progress.write(f"eval @ step {step}: {shown}")
         if self.wandb is not None:
