@@ -64,17 +64,17 @@ def read_marks(path: str | Path) -> Marks:
     return Marks([r["seriesuid"] for r in rows], table[:, :3], table[:, 3])
 
 
-def read_scans(path: str | Path) -> list[str]:
+def read_scans(path: str | Path, what: str = "--scans") -> list[str]:
     """Scan ids from a one-column file (header `seriesuid` optional), order kept, unique."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--scans {path}: file not found")
+        raise DataError(f"{what} {path}: file not found")
     with open(path, newline="") as handle:
         cells = [row[0].strip() for row in csv.reader(handle) if row and row[0].strip()]
     if cells and cells[0] == "seriesuid":
         cells = cells[1:]
     if not cells:
-        raise DataError(f"--scans {path}: lists no scans")
+        raise DataError(f"{what} {path}: lists no scans")
     return list(dict.fromkeys(cells))
 
 
