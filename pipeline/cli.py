@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", parser_class=_Parser)
     commands.add_train_parser(subparsers)
     commands.add_evaluate_parser(subparsers)
+    commands.add_cv_parser(subparsers)
     add_synthetic(subparsers)
     add_convert(subparsers)
     report.add_parser(subparsers)

@@ -116,3 +116,81 @@ def _strict(value):
     if isinstance(value, (list, tuple)):
         return [_strict(v) for v in value]
     return value
+
+
+def add_cv_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "cv",
+        help="K-fold cross-validation: one run per fold, then per-fold and pooled CPM",
+        description="Train one model per fold of `convert --folds K` shards (in sequence, or "
+        "one fold per SLURM array task with --fold), then evaluate each fold on its held-out "
+        "scans and print per-fold and pooled metrics as JSON.",
+    )
+    parser.add_argument("--folds", type=int, required=True, help="K, as given to convert")
+    parser.add_argument(
+        "--shards", required=True, help="folder with fold0-*.tar .. fold<K-1>-*.tar"
+    )
+    parser.add_argument("--runs", default="runs/cv", help="run folders RUNS/fold<i> (runs/cv)")
+    parser.add_argument("--config", help="YAML config file for every fold")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fold", type=int, help="train only this fold (a SLURM array task)")
+    mode.add_argument(
+        "--summarise", action="store_true", help="train nothing: evaluate and summarise"
+    )
+    mode.add_argument(
+        "--print-fold-args",
+        type=int,
+        metavar="I",
+        help="print fold I's `pipeline train` overrides, one per line (used by slurm/cv.sbatch)",
+    )
+    parser.add_argument("--annotations", help="annotations.csv: LUNA16 CPM per fold and pooled")
+    parser.add_argument("--excluded", help="annotations_excluded.csv")
+    parser.add_argument(
+        "--scans", help="evaluated scans (default: convert's scans-fold<i>.csv per fold)"
+    )
+    parser.add_argument("--max-marks", type=int, default=100, help="marks per scan (100)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides for every fold's training")
+    parser.set_defaults(func=run_cv)
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    from pipeline import cv
+    from pipeline.errors import ConfigError
+    from pipeline.evaluate import LunaOptions
+
+    shards, runs = Path(args.shards), Path(args.runs)
+    cv.fold_shards(shards, args.folds)  # a wrong folder or K fails before any training
+    if args.print_fold_args is not None:
+        print("\n".join(cv.fold_overrides(shards, args.folds, args.print_fold_args)))
+        return 0
+    if args.config is not None:
+        config_module.load(args.config, args.overrides)  # bad config: one line, now
+    if args.annotations is None and (args.excluded or args.scans):
+        raise ConfigError("--excluded and --scans need --annotations annotations.csv")
+    if args.fold is not None:
+        return cv.train_fold(args.config, args.overrides, shards, args.folds, args.fold, runs)
+    failed: dict[int, int] = {}
+    if not args.summarise:
+        for fold in range(args.folds):
+            if cv.status(runs, fold).done:
+                print(f"cv: fold {fold} already finished, not retrained", flush=True)
+                continue
+            rc = cv.train_fold(args.config, args.overrides, shards, args.folds, fold, runs)
+            if rc != 0:
+                failed[fold] = rc  # the other folds still train; the summary names this one
+    luna = None
+    if args.annotations is not None:
+        luna = LunaOptions(
+            args.annotations, args.excluded, args.scans, args.max_marks, args.bootstrap, args.seed
+        )
+    summary = cv.summarise(runs, shards, args.folds, luna, failed)
+    (runs / "cv_summary.json").write_text(json.dumps(_strict(summary), indent=2))
+    json.dump(_strict(summary), sys.stdout, indent=2)
+    print()
+    if summary["not_finished"]:
+        names = ", ".join(f"fold {k}: {v}" for k, v in summary["not_finished"].items())
+        print(f"pipeline cv: not finished, left out of the pooled CPM: {names}", file=sys.stderr)
+        return 1
+    return 0
