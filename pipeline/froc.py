@@ -251,3 +251,20 @@ def froc_score(
     return FrocResult(
         curve, sens, float(sens.mean()), dict(matched.counts), ci, (grid, lo, hi), tuple(rates)
     )
+
+
+def candidate_matched(labels: np.ndarray, scores: np.ndarray, groups: Sequence[str]) -> Matched:
+    """Candidates as their own findings (no annotations): each positive is one nodule.
+
+    What the per-candidate `cpm_candidate` counts, in the form the curve and bootstrap take;
+    used to draw a FROC band when no annotations are at hand.
+    """
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    names = list(dict.fromkeys(groups))
+    index = {g: i for i, g in enumerate(names)}
+    scan = np.fromiter((index[g] for g in groups), dtype=np.int64, count=len(groups))
+    counts = {"hits": int(labels.sum()), "false_positives": int((~labels).sum())}
+    return Matched(
+        names, scan[labels], scores[labels], scan[labels], scores[~labels], scan[~labels], counts
+    )

@@ -107,8 +107,13 @@ def score_files(
 
 def write_curve(path: str | os.PathLike, result: FrocResult) -> None:
     """The FROC curve and its bootstrap band as JSON: what `pipeline report` draws."""
+    Path(path).write_text(json.dumps(curve_record(result)))
+
+
+def curve_record(result: FrocResult) -> dict[str, Any]:
+    """Summary, curve points and band of a result, JSON-ready."""
     grid, low, high = result.band
-    record = {
+    return {
         "summary": result.summary(),
         "fps": result.curve.fps.tolist(),
         "sensitivity": result.curve.sensitivity.tolist(),
@@ -119,4 +124,3 @@ def write_curve(path: str | os.PathLike, result: FrocResult) -> None:
         },
         "rates": list(LUNA16_FPS),
     }
-    Path(path).write_text(json.dumps(record))

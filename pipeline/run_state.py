@@ -255,7 +255,7 @@ class RunState:
         warning = guard.check_validation_probs(probs)
         if warning:
             self.tracker.warn(trainer.step, warning)
-        self.tracker.log_eval(trainer.step, metrics, preds.labels, probs)
+        self.tracker.log_eval(trainer.step, metrics, preds.labels, probs, preds.groups)
         value = metrics.get(f"val/{cfg.checkpoint.metric}")
         if (
             value is not None

@@ -2,9 +2,10 @@
 
 Writes, under OUT:
 - scans/subset0/<seriesuid>.mhd (+ .raw): CT-like volumes, -1000 HU air with noise, soft
-  tissue blobs, nodules (400 HU spheres) and small irrelevant findings (150 HU);
+  tissue blobs (hard negatives), nodules (spheres of -200..400 HU) and small irrelevant
+  findings (150 HU);
 - candidates.csv (seriesuid,coordX,coordY,coordZ,class): several candidates per nodule
-  (class 1), one on each irrelevant finding and random ones elsewhere (class 0); the
+  (class 1), one on each irrelevant finding and each blob, random ones elsewhere (class 0); the
   last scans get no candidates at all;
 - annotations.csv (seriesuid,coordX,coordY,coordZ,diameter_mm): the nodules;
 - annotations_excluded.csv: the irrelevant findings, diameter_mm -1 as in LUNA16;
@@ -52,13 +53,15 @@ def make_case(out: Path, scans: int = 12, empty: int = 2, seed: int = 0) -> dict
         origin = np.array([-120.0 + 3 * n, 40.0, -300.0 - 5 * n])
         world = _world_grid(origin)
         hu = rng.normal(-1000, 40, world.shape[:-1])
-        for _ in range(3):  # soft-tissue blobs: hard negatives
+        blobs = []
+        for _ in range(3):  # tissue blobs as bright as faint nodules: hard negatives
             c = _inner_point(rng, origin, 6)
-            hu[np.linalg.norm(world - c, axis=-1) <= rng.uniform(2, 4)] = rng.normal(40, 20)
+            hu[np.linalg.norm(world - c, axis=-1) <= rng.uniform(2, 4)] = rng.uniform(-300, 250)
+            blobs.append(c)
         found = []
         for _ in range(rng.integers(1, 3)):
             c, d = _inner_point(rng, origin, 10), float(rng.uniform(5, 9))
-            hu[np.linalg.norm(world - c, axis=-1) <= d / 2] = 400 + rng.normal(0, 30)
+            hu[np.linalg.norm(world - c, axis=-1) <= d / 2] = rng.uniform(-200, 400)
             found.append((c, d))
             nodules.append([uid, *c.round(2), round(d, 2)])
         c_ex = _inner_point(rng, origin, 8)
@@ -78,7 +81,8 @@ def make_case(out: Path, scans: int = 12, empty: int = 2, seed: int = 0) -> dict
                 offset *= rng.uniform(0, d / 4) / np.linalg.norm(offset)
                 candidates.append([uid, *(c + offset).round(2), 1])
         candidates.append([uid, *c_ex.round(2), 0])
-        for _ in range(rng.integers(5, 9)):
+        candidates += [[uid, *c.round(2), 0] for c in blobs]
+        for _ in range(rng.integers(3, 7)):
             candidates.append([uid, *_inner_point(rng, origin, 4).round(2), 0])
     columns = ["seriesuid", "coordX", "coordY", "coordZ"]
     for name, header, rows in (

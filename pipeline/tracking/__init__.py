@@ -58,7 +58,12 @@ class Tracker:
             self.wandb.log(step, values)
 
     def log_eval(
-        self, step: int, values: dict[str, float], labels: np.ndarray, probs: np.ndarray
+        self,
+        step: int,
+        values: dict[str, float],
+        labels: np.ndarray,
+        probs: np.ndarray,
+        groups: list[str] | None = None,
     ) -> None:
         if not self.enabled:
             return
@@ -79,7 +84,7 @@ class Tracker:
         self.progress.write(f"eval @ step {step}: {shown}")
         if self.wandb is not None:
             self.wandb.log(step, values)
-            self.wandb.log_curves(step, labels, probs)
+            self.wandb.log_curves(step, labels, probs, groups)
 
     def warn(self, step: int, message: str, local: bool = False) -> None:
         """A loud warning: console, the local record and W&B.
