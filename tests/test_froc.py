@@ -143,3 +143,28 @@ def test_files_round_trip_and_bad_files_name_the_flag(tmp_path):
     bad.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\nA,1,2,x,4\n")
     with pytest.raises(DataError, match="row 2"):
         luna16.read_findings(bad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sensitivities_equal_the_challenge_procedure_with_sklearn_roc_and_np_interp(seed):
+    # The challenge: sklearn roc_curve over hit/FP scores (misses left out), FP/scan =
+    # fpr * FPs / scans, sensitivity = tpr * hits / nodules, np.interp at the rates.
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(seed)
+    hits = np.round(rng.uniform(0.2, 1, 30), 2)  # rounded: many ties, also across classes
+    fps = np.round(rng.uniform(0, 0.9, 200), 2)
+    scans, nodules = 25, 40  # 10 nodules missed
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(30), np.zeros(200)], np.r_[hits, fps])
+    expected = np.interp(froc.LUNA16_FPS, fpr * 200 / scans, tpr * 30 / nodules)
+
+    matched = froc.Matched(
+        [f"s{i}" for i in range(scans)],
+        np.arange(nodules) % scans,
+        hits,
+        np.arange(30) % scans,
+        fps,
+        np.arange(200) % scans,
+    )
+    got = froc.froc_score(matched, bootstrap=0).sensitivities
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
