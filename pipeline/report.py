@@ -138,27 +138,32 @@ def _curve_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, when: str) 
     return out
 
 
-def froc_source(run_dir: Path, predictions: Path | None) -> tuple[dict | None, str]:
-    """(record, title) for froc.png, or (None, why not): challenge JSON first, else candidates."""
+def froc_source(run_dir: Path, predictions: Path | None) -> tuple[dict | None, str, str]:
+    """(record, title, metric name) for froc.png, or (None, why not, ""): challenge JSON
+    first, else per candidate from the latest predictions."""
     files = sorted((run_dir / "eval").glob("froc-*.json"), key=lambda p: p.stat().st_mtime)
     if files:
         try:
-            return json.loads(files[-1].read_text()), f"LUNA16 FROC per nodule ({files[-1].name})"
+            record = json.loads(files[-1].read_text())
         except ValueError:
             raise DataError(f"{files[-1]}: not a FROC record (rerun pipeline evaluate)") from None
+        return record, f"LUNA16 FROC per nodule ({files[-1].name})", "CPM"
     if predictions is None:
-        return None, "no predictions and no eval/froc-*.json"
+        return None, "no predictions and no eval/froc-*.json", ""
     with np.load(predictions, allow_pickle=False) as data:
         if "groups" not in data:
-            return None, f"{predictions.name} has no scan ids (groups)"
+            return None, f"{predictions.name} has no scan ids (groups)", ""
         labels, groups = data["labels"].reshape(-1), [str(g) for g in data["groups"]]
     _, probs = load_predictions(predictions)
     from pipeline import froc
     from pipeline.luna16 import curve_record
 
     result = froc.froc_score(froc.candidate_matched(labels, probs, groups))
-    title = f"FROC per candidate, {predictions.stem} (no annotations: not the LUNA16 CPM)"
-    return curve_record(result), title
+    number = predictions.stem.rsplit("-", 1)[-1]
+    when = f"step {int(number)}" if number.isdigit() else predictions.stem
+    title = f"FROC per candidate (no annotations), {when}"
+    # Interpolated, as the challenge reads its curve; val/cpm_candidate is the step version.
+    return curve_record(result), title, "per-candidate CPM (interpolated)"
 
 
 def render_report(run_dir: Path) -> dict[str, Any]:
@@ -214,11 +219,11 @@ def render_report(run_dir: Path) -> dict[str, Any]:
         number = predictions.stem.rsplit("-", 1)[-1]
         when = f"step {int(number)}" if number.isdigit() else predictions.stem
         drawn.update(_curve_plots(plots, labels, probs, when))
-    froc_record, froc_title = froc_source(run_dir, predictions)
+    froc_record, froc_title, metric = froc_source(run_dir, predictions)
     if froc_record is None:
         skipped["froc"] = froc_title
     else:
-        drawn["froc"] = plots_module.froc_plot(plots / "froc.png", froc_record, froc_title)
+        drawn["froc"] = plots_module.froc_plot(plots / "froc.png", froc_record, froc_title, metric)
 
     train_loss = series(timeline, "train", "train/loss")
     auroc = series(timeline, "eval", "val/auroc")

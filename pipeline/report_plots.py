@@ -70,7 +70,7 @@ def loss_plot(out: Path, train: Series, val: Series, resumes: list[int]) -> Path
 
 
 def lr_plot(out: Path, lr: tuple[np.ndarray, np.ndarray], resumes: list[int]) -> Path:
-    fig = _figure(7, 3)
+    fig = _figure(7, 3.5)
     ax = fig.add_subplot()
     ax.plot(*lr, color="tab:green")
     _resumes(ax, resumes)
@@ -99,7 +99,7 @@ def val_metrics_plot(out: Path, series: Series, resumes: list[int]) -> Path | No
     panels = [p for p in panels if p[1]]
     if not panels:
         return None
-    fig = _figure(8, 2.6 * len(panels) + 0.4)
+    fig = _figure(8, 2.6 * len(panels) + 0.8)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     rate_colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(len(froc_rates), 1)))
     for ax, (title, keys, cmap) in zip(axes, panels, strict=True):
@@ -148,7 +148,7 @@ def roc_plot(out: Path, fpr: np.ndarray, tpr: np.ndarray, auroc: float, negative
     return out
 
 
-def froc_plot(out: Path, record: dict, title: str) -> Path:
+def froc_plot(out: Path, record: dict, title: str, metric: str = "CPM") -> Path:
     """FROC on a log FP/scan axis (1/8..8, as the challenge draws it), CI band, 7 rates marked."""
     fig = _figure(6.5, 4.5)
     ax = fig.add_subplot()
@@ -177,7 +177,7 @@ def froc_plot(out: Path, record: dict, title: str) -> Path:
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_ylim(-0.02, 1.02)
     cpm = summary.get("cpm")
-    head = f"CPM {cpm:.3f}" if cpm is not None else "CPM n/a"
+    head = f"{metric} {cpm:.3f}" if cpm is not None else f"{metric} n/a"
     if ci:
         head += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
     ax.set(title=f"{title}\n{head}", xlabel="false positives per scan", ylabel="sensitivity")

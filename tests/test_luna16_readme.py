@@ -90,4 +90,4 @@ def test_readme_luna16_demo_runs_end_to_end(tmp_path):
     submission = (tmp_path / "submission.csv").read_text().splitlines()
     assert submission[0] == "seriesuid,coordX,coordY,coordZ,probability"
     assert {line.split(",")[0] for line in submission[1:]} <= val_scans
-    assert "plot:" in outputs["report"][0].stdout
+    assert "plots/froc.png" in outputs["report"][0].stdout  # the LUNA16 FROC, from evaluate

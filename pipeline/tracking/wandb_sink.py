@@ -263,6 +263,6 @@ def _froc_plot(points: curves.FrocPoints) -> Any:
         xs=points.fps.tolist(),
         ys=[points.sensitivity.tolist(), points.low.tolist(), points.high.tolist()],
         keys=["sensitivity", "95% CI low", "95% CI high"],
-        title=f"FROC per candidate (CPM {points.cpm:.3f})",
+        title=f"FROC per candidate (interpolated CPM {points.cpm:.3f})",
         xname="false positives per scan",
     )
