@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.convert.volumes import convert_volumes
@@ -124,6 +125,11 @@ def test_cv_runs_three_folds_in_sequence_and_names_an_unfinished_fold(case, tmp_
     summary = json.loads(done.stdout[done.stdout.index("{\n") :])
     check_summary(summary, [0, 1, 2])
     assert json.loads((runs / "cv_summary.json").read_text()) == summary
+    # Training's own evaluation files trace every prediction to its candidate.
+    with np.load(sorted((runs / "fold0" / "eval").glob("predictions-step-*.npz"))[-1]) as data:
+        assert data["coords"].shape == (data["labels"].size, 3)
+        assert set(data["groups"].tolist()) == set(scans_in(f"{case}/folds/fold0-*.tar"))
+        assert len(set(data["ids"].tolist())) == data["labels"].size
     for i in range(FOLDS):  # each fold trained without its own scans
         config = (runs / f"fold{i}" / "config.yaml").read_text()
         assert f"fold{i}-*.tar" in config.split("val:")[1].splitlines()[0]
