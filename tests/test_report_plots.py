@@ -67,7 +67,8 @@ def test_val_metrics_panels_hold_only_metrics(tmp_path):
     steps = np.array([10, 20])
     series = {k: (steps, np.array([0.5, 0.6])) for k in
               ("val/auroc", "val/ap", "val/sensitivity", "val/cpm_candidate",
-               "val/froc_candidate_0.125", "val/froc_candidate_8")}  # fmt: skip
+               "val/froc_candidate_0.125", "val/froc_candidate_8",
+               "val/threshold", "val/bad_records", "val/positives")}  # fmt: skip
     Figure.savefig = capture
     try:
         report_plots.val_metrics_plot(tmp_path / "v.png", series, [])
