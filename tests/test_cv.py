@@ -16,9 +16,18 @@ from pipeline.data.format import expand_shards
 from pipeline.data.loader import read_blocks
 from pipeline.data.problems import ProblemLog
 from pipeline.errors import ConfigError
+from tests import reliability
 from tests.conftest import TINY, cli_env, run_cli
 from tests.luna16_helpers import TINY_3D, make_case, read_rows
-from tests.slurm_helpers import PARTITION, cancel, requires_slurm, submit, wait_until
+from tests.slurm_helpers import (
+    PARTITION,
+    cancel,
+    requires_slurm,
+    start_requeued_now,
+    submit,
+    wait_for_state,
+    wait_until,
+)
 
 FOLDS = 3
 
@@ -145,37 +154,82 @@ def test_cv_runs_three_folds_in_sequence_and_names_an_unfinished_fold(case, tmp_
     assert partial["not_finished"] == {"1": "running or interrupted (at step 6)"}
     check_summary(partial, [0, 2])
     assert "fold 1: running or interrupted" in again.stderr.strip().splitlines()[-1]
+    reliability.record(
+        "cv summary while a fold is unfinished: named, left out of the pooled CPM",
+        exit_code=again.returncode,
+        seconds=None,
+        lines=len(again.stderr.strip().splitlines()),
+        checkpoint_ok=None,
+        launcher="cli",
+    )
+
+
+PREEMPT_STEPS = 16
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 @requires_slurm
-def test_cv_runs_three_folds_as_a_slurm_array_then_summarises(case, tmp_path):
+def test_cv_runs_three_folds_as_a_slurm_array_with_a_preempted_fold_then_summarises(case, tmp_path):
     runs = tmp_path / "cv"
     # What a user's shell exports: the venv first on PATH, and where the folds are.
     path = f"{Path(sys.executable).parent}:{cli_env(tmp_path)['PATH']}"
     env = cli_env(tmp_path, PATH=path, SBATCH_PARTITION=PARTITION)
     env.update(CV_SHARDS=str(case / "folds"), CV_FOLDS=str(FOLDS), CV_RUNS=str(runs))
+    train = [*TRAIN, f"train.max_steps={PREEMPT_STEPS}", f"train.eval_every={PREEMPT_STEPS}",
+             "train.log_every=1", "checkpoint.every_steps=100"]  # fmt: skip
     job = submit(
         "cv.sbatch",
-        *TRAIN,
+        *train,
         sbatch_args=[f"--array=0-{FOLDS - 1}", "--cpus-per-task=1", "--gpus-per-node=1",
                      "--time=00:10:00"],
         env=env,
         log_dir=tmp_path,
     )  # fmt: skip
+    task = f"{job}_1"
     try:
+        # Preempt fold 1 mid-run: it checkpoints, requeues, and resumes in its own run dir.
+        wait_until(lambda: last_step(runs / "fold1") >= 3, 300, "fold 1 at step 3", task)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True, timeout=30)
+        wait_for_state(task, "PENDING", timeout=120)
+        start_requeued_now(task)
         wait_until(lambda: not queued(job), 900, f"array job {job} to finish", job)
     finally:
         cancel(job)
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("pipeline-cv-*.out")))
     for i in range(FOLDS):  # one array task per fold, each ended well
-        assert (
-            f"cv fold {i}/{FOLDS}" in logs and f"fold {i}: launcher exited with status 0" in logs
-        ), logs[-3000:]
+        assert f"cv fold {i}/{FOLDS}" in logs, logs[-3000:]
+        assert f"fold {i}: launcher exited with status 0" in logs, logs[-3000:]
+    ends = [e for e in events(runs / "fold1") if e["event"] == "end"]
+    assert [e["stopped"] for e in ends] == [True, False] and ends[-1]["step"] == PREEMPT_STEPS
+    resumed = [e["step"] for e in events(runs / "fold1") if e["event"] == "resume"]
+    assert resumed == [ends[0]["step"]] and 3 <= resumed[0] < PREEMPT_STEPS
     done = run_cli(cv_args(case, runs, "--summarise"), cli_env(tmp_path), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     check_summary(json.loads(done.stdout), [0, 1, 2])
+    reliability.record(
+        "cv array task preempted (USR1): fold checkpoints, requeues, resumes; cv completes",
+        exit_code=0,
+        seconds=None,
+        lines=0,
+        checkpoint_ok=True,
+        launcher="sbatch --array",
+    )
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+    return out
+
+
+def last_step(run_dir: Path) -> int:
+    return max((e["step"] for e in events(run_dir) if e["event"] == "train"), default=0)
 
 
 def queued(job: str) -> bool:
