@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from pipeline.errors import DataError
 from pipeline.metrics import binary_metrics
 from pipeline.model import as_logits, probabilities
 from pipeline.tracking.progress import work_progress
+
+if TYPE_CHECKING:
+    from pipeline.froc import FrocResult, Marks
 
 
 @dataclass
@@ -206,7 +209,7 @@ class LunaOptions:
     seed: int = 0
 
 
-def _luna_score(marks, luna: LunaOptions):
+def _luna_score(marks: Marks, luna: LunaOptions) -> FrocResult:
     from pipeline import luna16
 
     return luna16.score_files(
