@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,10 +128,25 @@ def check_summary(summary: dict, folds: list[int]) -> None:
 
 
 @pytest.mark.slow
-def test_cv_runs_three_folds_in_sequence_and_names_an_unfinished_fold(case, tmp_path):
+def test_cv_runs_three_folds_in_sequence_and_names_failed_and_unfinished_folds(case, tmp_path):
     runs = tmp_path / "cv"
+    # Fold 1 fails: its run directory holds an unreadable checkpoint to resume from.
+    broken = runs / "fold1" / "checkpoints" / "last.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    failed = run_cli([*cv_args(case, runs), *TRAIN], cli_env(tmp_path), timeout=900)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    partial = json.loads(failed.stdout[failed.stdout.index("{\n") :])
+    assert partial["not_finished"] == {"1": "training failed (exit 2)"}
+    check_summary(partial, [0, 2])  # the others trained anyway, and only they are pooled
+    assert "fold 1: training failed (exit 2)" in failed.stderr.strip().splitlines()[-1]
+
+    # Run again once the cause is gone: only fold 1 trains, the summary is complete.
+    shutil.rmtree(runs / "fold1")
     done = run_cli([*cv_args(case, runs), *TRAIN], cli_env(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "fold 0 already finished, not retrained" in done.stdout
+    assert "fold 2 already finished, not retrained" in done.stdout
     summary = json.loads(done.stdout[done.stdout.index("{\n") :])
     check_summary(summary, [0, 1, 2])
     assert json.loads((runs / "cv_summary.json").read_text()) == summary
