@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train_parser(subparsers)
     commands.add_evaluate_parser(subparsers)
     commands.add_sweep_parser(subparsers)
+    commands.add_cv_parser(subparsers)
     add_synthetic(subparsers)
     add_convert(subparsers)
     report.add_parser(subparsers)

@@ -369,6 +369,14 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        # Validation has no annotations: its CPM is per candidate. A silent miss here would
+        # leave best.pt unwritten for the whole run.
+        _require(
+            self.metric != "cpm",
+            "checkpoint.metric",
+            "validation reports cpm_candidate (per candidate); the LUNA16 cpm needs "
+            "annotations (pipeline evaluate --annotations)",
+        )
 
 
 @dataclass

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,14 +22,21 @@ from pipeline.metrics import binary_metrics
 from pipeline.model import as_logits, probabilities
 from pipeline.tracking.progress import work_progress
 
+if TYPE_CHECKING:
+    from pipeline.froc import FrocResult, Marks
+
 
 @dataclass
 class Predictions:
+    """One row per sample, in gathered order; traceable to its candidate by id/group/coords."""
+
     labels: np.ndarray
     logits: np.ndarray
     ids: list[str]
     groups: list[str] | None
     bad_records: int = 0
+    coords: np.ndarray | None = None
+    """[n, D] from the shard meta: world (x, y, z) mm for volumes, pixel (x, y) for images."""
 
     @property
     def probs(self) -> np.ndarray:
@@ -43,7 +53,15 @@ class Predictions:
             [i for p in parts for i in p.ids],
             groups,
             sum(p.bad_records for p in parts),
+            _concat_coords([p.coords for p in parts if len(p.ids)]),
         )
+
+
+def _concat_coords(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """All parts' coordinates, or None unless every part has them with one width."""
+    if not parts or any(c is None for c in parts) or len({c.shape[1] for c in parts}) != 1:
+        return None
+    return np.concatenate(parts)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -65,7 +83,7 @@ def predict_local(
     mine = spec.shards[spec.rank :: spec.world_size]
     workers = min(num_workers, len(mine))
     loader = build_loader(EvalStream(spec), workers, device.type == "cuda", 2)
-    labels, logits, ids, groups = [], [], [], []
+    labels, logits, ids, groups, coords = [], [], [], [], []
     bad: dict[int, int] = {}
     have_groups = True
     total = _samples_in(mine) if progress is not None else None
@@ -81,6 +99,8 @@ def predict_local(
                 have_groups = False
             else:
                 groups.extend(batch["groups"])
+            where = batch.get("coords")
+            coords.append(None if where is None else np.asarray(where, dtype=np.float64))
             worker, count = batch["bad_records"].tolist()
             bad[worker] = count
             bar.update(len(batch["label"]))
@@ -91,6 +111,7 @@ def predict_local(
         ids,
         groups if have_groups else None,
         sum(bad.values()),
+        _concat_coords(coords),
     )
 
 
@@ -157,3 +178,107 @@ def predict_shards(
             cfg.data.num_workers,
             progress if env.rank == 0 else None,
         )
+
+
+def save_predictions(path: str | os.PathLike, preds: Predictions) -> None:
+    """One evaluation's predictions as .npz (no pickle): what `pipeline report` reads.
+
+    Arrays: labels, probs, logits, ids, and where the shards have them groups (scan ids)
+    and coords ([n, D]); read back with `load_predictions_file`.
+    """
+    arrays: dict[str, np.ndarray] = {
+        "labels": preds.labels,
+        "probs": preds.probs,
+        "logits": preds.logits,
+        "ids": np.asarray(preds.ids, dtype=str),
+    }
+    if preds.groups is not None:
+        arrays["groups"] = np.asarray(preds.groups, dtype=str)
+    if preds.coords is not None:
+        arrays["coords"] = preds.coords
+    np.savez_compressed(path, **arrays)
+
+
+@dataclass(frozen=True)
+class LunaOptions:
+    """What `pipeline evaluate --annotations ...` scores against (see pipeline.luna16)."""
+
+    annotations: str
+    excluded: str | None = None
+    scans: str | None = None
+    max_marks: int = 100
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+def _luna_score(marks: Marks, luna: LunaOptions) -> FrocResult:
+    from pipeline import luna16
+
+    return luna16.score_files(
+        marks,
+        luna.annotations,
+        luna.excluded,
+        luna.scans,
+        luna.max_marks,
+        luna.bootstrap,
+        luna.seed,
+    )
+
+
+def score_submission(path: str, luna: LunaOptions) -> dict[str, Any]:
+    """FROC/CPM of a LUNA16 submission CSV, whichever system wrote it (no checkpoint)."""
+    from pipeline import luna16
+
+    return _luna_score(luna16.read_marks(path), luna).summary()
+
+
+def evaluate_checkpoint(
+    checkpoint: str, overrides: list[str], out_dir: Path, luna: LunaOptions | None = None
+) -> dict[str, Any] | None:
+    """A checkpoint on its validation shards: candidate metrics (+ LUNA16 CPM), files in out_dir.
+
+    Writes out_dir/{histogram,predictions}-<checkpoint stem>.{json,npz} and, with `luna`,
+    froc-<stem>.json. Returns the metrics on rank 0, None on other ranks.
+    """
+    from pipeline import luna16
+    from pipeline.data.sources import resolve
+    from pipeline.inference import load_trained
+    from pipeline.metrics import probability_histogram
+    from pipeline.runtime import setup_logging
+
+    env = distributed.detect_env()
+    setup_logging(env.rank)
+    if luna is not None:  # bad files fail here, on every rank, before any work
+        luna16.read_findings(luna.annotations)
+        if luna.excluded is not None:
+            luna16.read_findings(luna.excluded, "--excluded")
+        if luna.scans is not None:
+            luna16.read_scans(luna.scans)
+    cfg, _, _ = load_trained(checkpoint, overrides)
+    device = distributed.select_device(cfg.train.device, env.local_rank)
+    distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
+    metrics, problem = None, None
+    try:
+        cfg, model, _ = load_trained(checkpoint, overrides, device)
+        val = resolve(cfg.data).val
+        preds = predict_shards(model, cfg, val, device, progress="evaluate")
+        if distributed.is_main():
+            stem = Path(checkpoint).stem
+            out_dir.mkdir(parents=True, exist_ok=True)
+            metrics = metrics_of(preds)
+            histogram = probability_histogram(preds.labels, preds.probs)
+            (out_dir / f"histogram-{stem}.json").write_text(json.dumps(histogram))
+            save_predictions(out_dir / f"predictions-{stem}.npz", preds)
+            if luna is not None:
+                try:
+                    result = _luna_score(luna16.marks_of_predictions(preds), luna)
+                    luna16.write_curve(out_dir / f"froc-{stem}.json", result)
+                    metrics.update(result.summary())
+                except DataError as exc:
+                    problem = exc  # raised after the barrier: no rank waits for rank 0
+        distributed.barrier()  # rank 0 scored and wrote; everyone leaves together
+    finally:
+        distributed.shutdown()
+    if problem is not None:
+        raise problem
+    return metrics

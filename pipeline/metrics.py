@@ -22,7 +22,8 @@ Operating points (`operating_points`) are thresholds taken from the scores thems
   already exceeds it).
 Ties in the objective go to the higher threshold. All are NaN unless both classes occur.
 
-FROC / CPM (`froc`), after LUNA16: candidates are sorted by score, descending, and
+Candidate-level FROC / CPM (`froc`; keys `froc_candidate_<rate>` and `cpm_candidate`),
+the fallback when no annotations are at hand: candidates are sorted by score, descending, and
 thresholds are walked one distinct score at a time. At each step sensitivity = TP / P
 over all candidates and FP/scan = FP / (number of distinct scan ids). The sensitivity at
 a target rate r is the highest sensitivity reached while FP/scan <= r (a step function,
@@ -30,7 +31,8 @@ no interpolation between steps). CPM is the mean over the seven rates
 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/scan. Simplifications against LUNA16: each positive
 candidate is one finding (LUNA16 counts a nodule once, however many candidates hit it),
 and the scan count is the scans that appear among the candidates (LUNA16 counts every
-scan in the set, including those without candidates).
+scan in the set, including those without candidates). The challenge's CPM (`cpm`), per
+nodule from annotations.csv, is `pipeline.froc`.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def froc(
     scan_ids: Sequence[str],
     fps_per_scan: Sequence[float] = LUNA16_FPS,
 ) -> dict[str, float]:
-    """Sensitivity at each FP/scan rate (keys `froc_<rate>`) and their mean, `cpm`."""
+    """Sensitivity at each FP/scan rate (`froc_candidate_<rate>`), their mean `cpm_candidate`."""
     y, s = _prepare(labels, scores)
     scan_ids = list(scan_ids)
     if len(scan_ids) != y.size:
@@ -139,8 +141,8 @@ def froc(
     for rate in fps_per_scan:
         # Compare counts (FP <= rate * scans), not rounded ratios.
         i = np.searchsorted(fps, rate * n_scans, side="right") - 1
-        out[f"froc_{rate:g}"] = float(tps[i] / positives) if positives else _NAN
-    out["cpm"] = float(np.mean(list(out.values()))) if positives else _NAN
+        out[f"froc_candidate_{rate:g}"] = float(tps[i] / positives) if positives else _NAN
+    out["cpm_candidate"] = float(np.mean(list(out.values()))) if positives else _NAN
     return out
 
 

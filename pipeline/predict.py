@@ -1,5 +1,9 @@
 """`pipeline predict`: a checkpoint's logits, probabilities and decisions for every sample.
 
+Each row keeps its candidate: id, group (scan) and coordinates from the shard meta
+(x, y, z in world mm for volumes; x, y in pixels for images). `--format luna16` writes
+the LUNA16 submission CSV instead: `seriesuid,coordX,coordY,coordZ,probability`.
+
 Under torchrun each rank predicts its share of the shards (shards[rank::world], as
 validation does), rank 0 gathers the rows and writes one file. The transform is
 validation's: the checkpoint's normalisation, no augmentation.
@@ -19,12 +23,14 @@ import numpy as np
 
 from pipeline import distributed
 from pipeline.data.format import UNKNOWN_LABEL
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.metrics import resolve_threshold
 
 log = logging.getLogger("pipeline")
 
 COLUMNS = ("id", "group", "logit", "probability", "predicted", "label")
+COORD_NAMES = ("x", "y", "z")
+FORMATS = ("rows", "luna16")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +48,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--shards", required=True, help="shard pattern, e.g. 'shards/test-{000..009}.tar'"
     )
     parser.add_argument("--out", default="preds.csv", help="output file: .csv or .parquet")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="rows",
+        help="rows: id,group,x,y[,z],logit,probability,predicted,label (default); "
+        "luna16: the challenge's submission CSV seriesuid,coordX,coordY,coordZ,probability",
+    )
     parser.add_argument(
         "--threshold",
         help="probability (e.g. 0.3) or operating point of the checkpoint "
@@ -89,18 +102,45 @@ def output_format(out: str) -> str:
 
 
 def rows_of(preds, threshold: float) -> dict[str, list]:
-    """Column name -> values, one entry per sample (group is '' when shards carry none)."""
+    """Column name -> values, one entry per sample (group is '' when shards carry none).
+
+    Coordinate columns x, y[, z] follow `group` when the shards carry coordinates.
+    """
     probs = preds.probs
     groups = preds.groups if preds.groups is not None else [""] * len(preds.ids)
+    where = {}
+    coords = getattr(preds, "coords", None)
+    if coords is not None and 1 <= coords.shape[1] <= len(COORD_NAMES):
+        where = {COORD_NAMES[d]: coords[:, d].tolist() for d in range(coords.shape[1])}
     return {
         "id": list(preds.ids),
         "group": list(groups),
+        **where,
         "logit": preds.logits.astype(np.float64).tolist(),
         "probability": probs.astype(np.float64).tolist(),
         # The metrics' convention: positive when p >= threshold.
         "predicted": (probs >= threshold).astype(int).tolist(),
         # Empty where the shard marks the label unknown (255): new candidates to score.
         "label": [None if y == UNKNOWN_LABEL else int(y) for y in preds.labels.tolist()],
+    }
+
+
+def luna16_rows(preds) -> dict[str, list]:
+    """The LUNA16 submission columns; DataError unless every sample has a scan and x, y, z."""
+    coords = getattr(preds, "coords", None)
+    if preds.groups is None or coords is None or coords.shape[1] != 3:
+        have = "no coordinates" if coords is None else f"{coords.shape[1]}-D coordinates"
+        raise DataError(
+            f"--format luna16 needs a seriesuid and world x, y, z per sample; these shards "
+            f"have {'no groups' if preds.groups is None else 'groups'} and {have} "
+            "(convert CT volumes with `pipeline convert volumes`)"
+        )
+    return {
+        "seriesuid": list(preds.groups),
+        "coordX": coords[:, 0].tolist(),
+        "coordY": coords[:, 1].tolist(),
+        "coordZ": coords[:, 2].tolist(),
+        "probability": preds.probs.astype(np.float64).tolist(),
     }
 
 
@@ -117,12 +157,28 @@ def write_rows(columns: dict[str, list], out: Path, fmt: str) -> None:
         else:
             with open(tmp, "w", newline="") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(COLUMNS)
+                writer.writerow(list(columns))
                 # repr() of a float round-trips exactly, so logits survive the text file.
-                writer.writerows(zip(*(columns[c] for c in COLUMNS), strict=True))
+                writer.writerows(zip(*columns.values(), strict=True))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def report(preds, args, out: Path, fmt: str, threshold: float, spec_value, shards: int) -> None:
+    """Rank 0: write the file in the chosen format and say what it holds."""
+    columns = rows_of(preds, threshold)
+    write_rows(luna16_rows(preds) if args.format == "luna16" else columns, out, fmt)
+    if preds.bad_records:
+        log.warning("skipped %d unreadable records (data.on_error=skip)", preds.bad_records)
+    kind = " (LUNA16 submission format)" if args.format == "luna16" else ""
+    print(
+        f"wrote {len(preds.ids)} predictions from {shards} shards to {out}{kind} "
+        f"(threshold {spec_value} = {threshold:.6g}; "
+        f"{sum(columns['predicted'])} predicted positive, "
+        f"{columns['label'].count(None)} unlabelled)",
+        flush=True,
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -146,19 +202,15 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         model.to(device)
         preds = predict_shards(model, cfg, shards, device, allow_unknown=True, progress="predict")
+        problem = None
         if distributed.is_main():
-            columns = rows_of(preds, threshold)
-            write_rows(columns, out, fmt)
-            if preds.bad_records:
-                log.warning("skipped %d unreadable records (data.on_error=skip)", preds.bad_records)
-            print(
-                f"wrote {len(preds.ids)} predictions from {len(shards)} shards to {out} "
-                f"(threshold {spec_value} = {threshold:.6g}; "
-                f"{sum(columns['predicted'])} predicted positive, "
-                f"{columns['label'].count(None)} unlabelled)",
-                flush=True,
-            )
+            try:
+                report(preds, args, out, fmt, threshold, spec_value, len(shards))
+            except DataError as exc:
+                problem = exc  # raised after the barrier, so no rank waits for rank 0
         distributed.barrier()  # rank 0 wrote the file; everyone leaves together
+        if problem is not None:
+            raise problem
     finally:
         distributed.shutdown()
     return 0

@@ -2,7 +2,9 @@
 
 Reads `RUN_DIR/metrics.jsonl` (one JSON event per line, appended by rank 0 whatever the W&B
 mode) and the latest `RUN_DIR/eval/predictions-step-XXXXXXXX.npz`, and writes
-`RUN_DIR/plots/{loss,lr,val_metrics,roc,pr,prob_hist}.png`.
+`RUN_DIR/plots/{loss,lr,val_metrics,roc,pr,prob_hist,froc}.png`. The FROC plot is the
+challenge's (per nodule) from the newest `eval/froc-*.json` that `pipeline evaluate
+--annotations` wrote, else the candidate-level one from the latest predictions.
 
 A preempted run that resumed from an earlier checkpoint logs some steps twice. The curves
 stay one continuous line: a `resume` event at step S drops the abandoned records after S,
@@ -18,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import report_plots as plots_module
 from pipeline.errors import DataError
 from pipeline.tracking import curves
 
-PLOTS = ("loss", "lr", "val_metrics", "roc", "pr", "prob_hist")
+PLOTS = ("loss", "lr", "val_metrics", "roc", "pr", "prob_hist", "froc")
 SERIES_EVENTS = ("train", "eval")
 
 
@@ -98,30 +101,6 @@ def load_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return labels, probs
 
 
-def _step_plot(
-    out: Path,
-    title: str,
-    lines: dict[str, tuple[np.ndarray, np.ndarray]],
-    resumes: list[int],
-    log_y: bool = False,
-) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    for label, (steps, values) in lines.items():
-        ax.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None, markersize=3)
-    for step in resumes:
-        ax.axvline(step, color="grey", linestyle=":", linewidth=1)
-    if log_y and all((v > 0).all() for _, v in lines.values()):
-        ax.set_yscale("log")
-    ax.set(title=title + (" (dotted: resumed)" if resumes else ""), xlabel="optimizer step")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    fig.savefig(out, dpi=110)
-    return out
-
-
 def _curve_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, when: str) -> dict[str, Path]:
     from matplotlib.figure import Figure
 
@@ -139,9 +118,12 @@ def _curve_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, when: str) 
         fig = Figure(figsize=(5.5, 4.5), layout="constrained")
         ax = fig.add_subplot()
         if name == "roc":
-            ax.plot(points.fpr, points.tpr, label=f"AUROC {points.auroc:.4f}")
-            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        elif name == "pr":
+            out[name] = plots_module.roc_plot(
+                plots / "roc.png", points.fpr, points.tpr, points.auroc,
+                points.counts["negative"], when,
+            )  # fmt: skip
+            continue
+        if name == "pr":
             ax.plot(points.recall, points.precision, label=f"AP {points.ap:.4f}")
             prevalence = points.counts["positive"] / max(sum(points.counts.values()), 1)
             ax.axhline(prevalence, color="grey", linestyle=":", linewidth=1, label="prevalence")
@@ -154,6 +136,35 @@ def _curve_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, when: str) 
         out[name] = plots / f"{name}.png"
         fig.savefig(out[name], dpi=110)
     return out
+
+
+def froc_source(run_dir: Path, predictions: Path | None) -> tuple[dict | None, str, str]:
+    """(record, title, metric name) for froc.png, or (None, why not, ""): challenge JSON
+    first, else per candidate from the latest predictions."""
+    files = sorted((run_dir / "eval").glob("froc-*.json"), key=lambda p: p.stat().st_mtime)
+    if files:
+        try:
+            record = json.loads(files[-1].read_text())
+        except ValueError:
+            raise DataError(f"{files[-1]}: not a FROC record (rerun pipeline evaluate)") from None
+        return record, f"LUNA16 FROC per nodule ({files[-1].name})", "CPM"
+    if predictions is None:
+        return None, "no predictions and no eval/froc-*.json", ""
+    with np.load(predictions, allow_pickle=False) as data:
+        if "groups" not in data:
+            return None, f"{predictions.name} has no scan ids (groups)", ""
+        labels, groups = data["labels"].reshape(-1), [str(g) for g in data["groups"]]
+    _, probs = load_predictions(predictions)
+    from pipeline import froc
+    from pipeline.luna16 import curve_record
+
+    # 200 resamples draw the band well enough and keep a 100k-candidate report quick.
+    result = froc.froc_score(froc.candidate_matched(labels, probs, groups), bootstrap=200)
+    number = predictions.stem.rsplit("-", 1)[-1]
+    when = f"step {int(number)}" if number.isdigit() else predictions.stem
+    title = f"FROC per candidate (no annotations), {when}"
+    # Interpolated, as the challenge reads its curve; val/cpm_candidate is the step version.
+    return curve_record(result), title, "per-candidate CPM (interpolated)"
 
 
 def render_report(run_dir: Path) -> dict[str, Any]:
@@ -174,24 +185,30 @@ def render_report(run_dir: Path) -> dict[str, Any]:
     drawn: dict[str, Path] = {}
     skipped: dict[str, str] = {}
 
-    loss = {k: series(timeline, ev, k) for ev, k in (("train", "train/loss"), ("eval", "val/loss"))}
-    loss = {k: v for k, v in loss.items() if len(v[0])}
+    train_loss = {"train/loss": series(timeline, "train", "train/loss")}
+    val_loss = {"val/loss": series(timeline, "eval", "val/loss")}
+    train_loss = {k: v for k, v in train_loss.items() if len(v[0])}
+    val_loss = {k: v for k, v in val_loss.items() if len(v[0])}
     lr = series(timeline, "train", "train/lr")
     val_keys = sorted(
         {k for r in timeline if r["event"] == "eval" for k in r if k.startswith("val/")}
     )
     rates = {k: series(timeline, "eval", k) for k in val_keys if k != "val/loss"}
     # Only rates share one [0, 1] axis; counts (val/n_pos...) would flatten them.
-    rates = {k: v for k, v in rates.items() if _is_rate(v[1])}
-    for name, lines, title, log_y in (
-        ("loss", loss, "Loss", True),
-        ("lr", {"train/lr": lr} if len(lr[0]) else {}, "Learning rate", False),
-        ("val_metrics", rates, "Validation metrics", False),
-    ):
-        if lines:
-            drawn[name] = _step_plot(plots / f"{name}.png", title, lines, resumes, log_y)
-        else:
-            skipped[name] = "no values logged"
+    rates = {k: v for k, v in rates.items() if len(v[0]) and _is_rate(v[1])}
+    if train_loss or val_loss:
+        drawn["loss"] = plots_module.loss_plot(plots / "loss.png", train_loss, val_loss, resumes)
+    else:
+        skipped["loss"] = "no values logged"
+    if len(lr[0]):
+        drawn["lr"] = plots_module.lr_plot(plots / "lr.png", lr, resumes)
+    else:
+        skipped["lr"] = "no values logged"
+    metrics_drawn = plots_module.val_metrics_plot(plots / "val_metrics.png", rates, resumes)
+    if rates and metrics_drawn is not None:
+        drawn["val_metrics"] = metrics_drawn
+    else:
+        skipped["val_metrics"] = "no values logged"
 
     predictions = latest_predictions(run_dir)
     if predictions is None:
@@ -203,6 +220,11 @@ def render_report(run_dir: Path) -> dict[str, Any]:
         number = predictions.stem.rsplit("-", 1)[-1]
         when = f"step {int(number)}" if number.isdigit() else predictions.stem
         drawn.update(_curve_plots(plots, labels, probs, when))
+    froc_record, froc_title, metric = froc_source(run_dir, predictions)
+    if froc_record is None:
+        skipped["froc"] = froc_title
+    else:
+        drawn["froc"] = plots_module.froc_plot(plots / "froc.png", froc_record, froc_title, metric)
 
     train_loss = series(timeline, "train", "train/loss")
     auroc = series(timeline, "eval", "val/auroc")

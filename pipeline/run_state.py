@@ -23,7 +23,7 @@ from pipeline.checkpoint import CheckpointManager, restore_rng, rng_state
 from pipeline.config import to_dict, to_yaml
 from pipeline.data.loader import StreamSpec
 from pipeline.errors import CheckpointError
-from pipeline.evaluate import metrics_of, predict_all
+from pipeline.evaluate import metrics_of, predict_all, save_predictions
 from pipeline.metrics import operating_points, probability_histogram
 from pipeline.runtime import autocast, resolve_run_dir, system_info
 from pipeline.tracking import Tracker
@@ -255,19 +255,14 @@ class RunState:
         metrics["val/bad_records"] = preds.bad_records
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(exist_ok=True)
-        np.savez_compressed(
-            eval_dir / f"predictions-step-{trainer.step:08d}.npz",
-            labels=preds.labels,
-            probs=probs,
-            logits=preds.logits,
-        )
+        save_predictions(eval_dir / f"predictions-step-{trainer.step:08d}.npz", preds)
         histogram = probability_histogram(preds.labels, probs)
         (eval_dir / f"histogram-step-{trainer.step:08d}.json").write_text(json.dumps(histogram))
         (self.run_dir / "thresholds.json").write_text(json.dumps(self.thresholds, indent=2))
         warning = guard.check_validation_probs(probs)
         if warning:
             self.tracker.warn(trainer.step, warning)
-        self.tracker.log_eval(trainer.step, metrics, preds.labels, probs)
+        self.tracker.log_eval(trainer.step, metrics, preds.labels, probs, preds.groups)
         value = metrics.get(f"val/{cfg.checkpoint.metric}")
         if (
             value is not None

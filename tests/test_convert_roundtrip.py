@@ -70,7 +70,7 @@ def test_images_csv_converts_trains_and_evaluates(tmp_path):
     metrics = json.loads(evaluated.stdout)
     assert metrics["positives"] + metrics["negatives"] == manifest["splits"]["val"]["samples"]
     assert metrics["auroc"] > 0.6
-    assert metrics["cpm"] is not None  # patients act as scans for FROC/CPM
+    assert metrics["cpm_candidate"] is not None  # patients act as scans for FROC/CPM
 
     # New candidates without labels: convert --unlabelled, then predict with the checkpoint.
     new_rows = []

@@ -113,8 +113,9 @@ def test_froc_and_cpm_match_hand_computation():
     scores = np.array([0.95, 0.80, 0.30, 0.90, 0.70, 0.20, 0.85, 0.60, 0.50, 0.10])
     labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 1, 0])
     got = M.froc(labels, scores, scans)
-    expected = {"froc_0.125": 0.25, "froc_0.25": 0.25, "froc_0.5": 0.25, "froc_1": 0.5}
-    expected |= {"froc_2": 1.0, "froc_4": 1.0, "froc_8": 1.0, "cpm": 4.25 / 7}
+    expected = {f"froc_candidate_{r}": 0.25 for r in ("0.125", "0.25", "0.5")}
+    expected |= {"froc_candidate_1": 0.5, "froc_candidate_2": 1.0, "froc_candidate_4": 1.0}
+    expected |= {"froc_candidate_8": 1.0, "cpm_candidate": 4.25 / 7}
     assert got == pytest.approx(expected)
     assert list(got) == list(expected)
 
@@ -123,12 +124,12 @@ def test_froc_and_cpm_match_hand_computation():
     tied = scores.copy()
     tied[[4, 7]] = 0.65
     got = M.froc(labels, tied, scans)
-    assert got["froc_1"] == 0.25
-    assert got["cpm"] == pytest.approx(4 / 7)
+    assert got["froc_candidate_1"] == 0.25
+    assert got["cpm_candidate"] == pytest.approx(4 / 7)
 
     via_metrics = M.binary_metrics(labels, scores, scan_ids=scans)
-    assert via_metrics["cpm"] == pytest.approx(4.25 / 7)
-    assert via_metrics["froc_8"] == 1.0
+    assert via_metrics["cpm_candidate"] == pytest.approx(4.25 / 7)
+    assert via_metrics["froc_candidate_8"] == 1.0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -163,7 +164,7 @@ def test_operating_points_satisfy_their_definitions(seed):
 
 
 RANK = {"auroc", "sens_at_fpr_1pct", "sens_at_fpr_5pct", "sens_at_fpr_10pct"}
-NEED_POSITIVES = {"ap", "cpm", "froc_0.125", "froc_1", "froc_8", "sensitivity"}
+NEED_POSITIVES = {"ap", "cpm_candidate", "froc_candidate_0.125", "froc_candidate_8", "sensitivity"}
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_single_class_gives_nan_where_undefined_and_numbers_elsewhere(labels, un
         assert math.isnan(got[key]), key
     assert not math.isnan(got["accuracy"])
     if labels.any():
-        assert got["ap"] == 1.0 and got["cpm"] == 1.0
+        assert got["ap"] == 1.0 and got["cpm_candidate"] == 1.0
     assert all(math.isnan(v) for v in M.operating_points(labels, probs).values())
     hist = M.probability_histogram(labels, probs)
     assert sum(hist["positive"]) + sum(hist["negative"]) == labels.size

@@ -74,10 +74,20 @@ def test_predict_writes_one_row_per_sample_with_sigmoid_probabilities_and_named_
     done = predict(trained, out, "predict.threshold=f1")  # the config key, by name
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_csv(out)
-    assert list(rows[0]) == ["id", "group", "logit", "probability", "predicted", "label"]
+    columns = ["id", "group", "x", "y", "logit", "probability", "predicted", "label"]
+    assert list(rows[0]) == columns
     assert len(rows) == trained["val_samples"]
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(r["group"] for r in rows)  # the synthetic shards carry scan ids
+    # Every row carries its candidate: group and pixel coordinates as the shard meta says.
+    meta = {
+        i: (g, c)
+        for block in read_blocks(expand_shards(trained["val"]), "raise", ProblemLog())
+        for i, g, c in zip(block.ids, block.groups, block.coords, strict=True)
+    }
+    for r in rows:
+        group, (x, y) = meta[r["id"]]
+        assert (r["group"], float(r["x"]), float(r["y"])) == (group, x, y)
     logits = np.array([float(r["logit"]) for r in rows])
     probs = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), rtol=0, atol=1e-6)
@@ -111,6 +121,19 @@ def test_predict_scores_unlabelled_candidates_and_leaves_their_label_empty(train
     assert not list(read_blocks(shards, "skip", problems))
     with pytest.raises(DataError, match=r"labels must be 0 or 1 \(255 = unknown is only for"):
         list(read_blocks(shards, "fail", ProblemLog()))
+
+
+def test_luna16_format_needs_world_coordinates_and_says_so_in_one_line(trained):
+    out = trained["tmp"] / "luna16.csv"
+    done = predict(trained, out, "--format", "luna16")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1:] == [
+        "pipeline predict: error: --format luna16 needs a seriesuid and world x, y, z per "
+        "sample; these shards have groups and 2-D coordinates (convert CT volumes with "
+        "`pipeline convert volumes`)"
+    ]
+    assert not out.exists()
 
 
 def test_predict_threshold_by_number_splits_the_predictions(trained):

@@ -55,6 +55,7 @@ def write_preempted_run(run_dir: Path) -> None:
             labels=labels,
             probs=1 / (1 + np.exp(-logits)),
             logits=logits,
+            groups=np.array([f"scan{i % 50}" for i in range(labels.size)]),  # for froc.png
         )
 
 
@@ -106,7 +107,7 @@ def test_run_without_predictions_still_plots_the_curves_and_says_what_is_missing
         path.unlink()
     summary = report.render_report(tmp_path)
     assert set(summary["plots"]) == {"loss", "lr", "val_metrics"}
-    assert set(summary["skipped"]) == {"roc", "pr", "prob_hist"}
+    assert set(summary["skipped"]) == {"roc", "pr", "prob_hist", "froc"}
     assert "not drawn: roc.png" in report.format_summary(summary)
 
 

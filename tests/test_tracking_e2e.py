@@ -38,7 +38,7 @@ def test_offline_run_file_holds_config_step_and_eval_metrics(tiny_shards, tmp_pa
         "val/sens_at_fpr_1pct",
         "val/sens_at_fpr_10pct",
         "val/positives",
-        "val/cpm",
+        "val/cpm_candidate",
     ):
         assert key in eval_rows[-1]
     config = read_config(run_dir)

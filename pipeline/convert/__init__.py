@@ -52,7 +52,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="fraction of groups for val (default 0.2; 0 = train only)",
     )
-    group.add_argument("--folds", type=int, help="K-fold split by group; use with --val-fold")
+    group.add_argument(
+        "--folds",
+        type=int,
+        help="K-fold split by group: with --val-fold i, fold i is val and the rest train; "
+        "alone, every fold is written as fold0..fold{K-1} (for `pipeline cv`)",
+    )
     group.add_argument("--val-fold", type=int, help="which fold (0..K-1) is val")
     group.add_argument("--seed", type=int, default=0, help="split and shuffle seed (default 0)")
     group = parser.add_argument_group("output")
@@ -138,6 +143,7 @@ def run_volumes(args: argparse.Namespace) -> int:
             y_col=args.y_col,
             z_col=args.z_col,
             label_col=_label_col(args, "class"),
+            scan_list=args.scan_list,
             **_common_kwargs(args),
         )
     return 0
@@ -210,5 +216,10 @@ def add_parser(subparsers: Any) -> None:
     volumes.add_argument("--y-col", default="coordY", help="world y column in mm (default coordY)")
     volumes.add_argument("--z-col", default="coordZ", help="world z column in mm (default coordZ)")
     volumes.add_argument("--label-col", help="label column (default class)")
+    volumes.add_argument(
+        "--scan-list",
+        help="every scan of the data set, one seriesuid per line (LUNA16's seriesuids.csv): "
+        "listed scans without candidates are split too and named in OUT/scans-<split>.csv",
+    )
     _add_common(volumes)
     volumes.set_defaults(func=run_volumes)

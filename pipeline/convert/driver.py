@@ -195,23 +195,38 @@ class Conversion:
             )
 
     def split(
-        self, val_fraction: float | None, folds: int | None, val_fold: int | None, seed: int
+        self,
+        val_fraction: float | None,
+        folds: int | None,
+        val_fold: int | None,
+        seed: int,
+        extra_groups: Sequence[str] = (),
     ) -> dict[int, str]:
-        """Split name per row: train/val by group, or `predict` for every unlabelled row."""
+        """Split name per row: train/val (or fold0..fold{K-1}) by group; `predict` if unlabelled.
+
+        `extra_groups` (scans without candidates) are split with the rest as negative-only
+        groups; `self.group_split` then names every group's split, theirs included.
+        """
         rows = list(self.candidates)
         if not self.labelled:
+            self.group_split = {self.candidates[r].group: PREDICT_SPLIT for r in rows}
             return dict.fromkeys(rows, PREDICT_SPLIT)
-        mask = splitting.assign_val(
-            [self.candidates[r].group for r in rows],
-            [self.candidates[r].label for r in rows],
-            val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
-            folds=folds,
-            val_fold=val_fold,
-            seed=seed,
-        )
-        return {
-            row: "val" if val else "train" for row, val in zip(rows, mask.tolist(), strict=True)
-        }
+        groups = [self.candidates[r].group for r in rows] + list(extra_groups)
+        labels = [self.candidates[r].label for r in rows] + [0] * len(extra_groups)
+        if folds is not None and val_fold is None:
+            names = [f"fold{i}" for i in splitting.assign_folds(groups, labels, folds, seed)]
+        else:
+            mask = splitting.assign_val(
+                groups,
+                labels,
+                val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+                folds=folds,
+                val_fold=val_fold,
+                seed=seed,
+            )
+            names = ["val" if val else "train" for val in mask.tolist()]
+        self.group_split = dict(zip(groups, names, strict=True))
+        return dict(zip(rows, names[: len(rows)], strict=True))
 
     def run(
         self, worker: Callable[[Any], TaskResult], tasks: Sequence[Any], workers: int, desc: str

@@ -8,6 +8,8 @@ a plain random split can leave validation without a single positive.
 The assignment depends only on the seed, the set of group names and which groups hold a
 positive, never on the CSV's row order; `--folds K --val-fold i` for i = 0..K-1 uses
 the same fold assignment, so K conversions form one proper cross-validation.
+`--folds K` alone writes every fold at once, as splits `fold0` .. `fold{K-1}`
+(`assign_folds`), for `pipeline cv`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def check_split_args(val_fraction: float, folds: int | None, val_fold: int | Non
         return
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
-    if val_fold is None or not 0 <= val_fold < folds:
+    if val_fold is not None and not 0 <= val_fold < folds:
         raise ConfigError(f"--val-fold must be in 0..{folds - 1} with --folds {folds}")
 
 
@@ -47,6 +49,8 @@ def assign_val(
 ) -> np.ndarray:
     """Boolean mask over samples: True where the sample's group goes to validation."""
     check_split_args(val_fraction, folds, val_fold)
+    if folds is not None and val_fold is None:
+        raise ConfigError("--folds K without --val-fold writes every fold (assign_folds)")
     positive = {g for g, y in zip(groups, labels, strict=True) if y}
     names = sorted(set(groups))
     rng = np.random.default_rng(seed)
@@ -74,3 +78,18 @@ def assign_val(
             "need more groups, or pass --val-fraction 0 to write train only"
         )
     return np.fromiter((g in val_groups for g in groups), dtype=bool, count=len(groups))
+
+
+def assign_folds(
+    groups: Sequence[str], labels: Sequence[int], folds: int, seed: int = 0
+) -> np.ndarray:
+    """Fold index (0..folds-1) per sample, by group: fold i is `--val-fold i`'s val split."""
+    check_split_args(0.0, folds, None)
+    names = sorted(set(groups))
+    if len(names) < folds:
+        raise DataError(f"cannot split {len(names)} group(s) into {folds} folds; need more groups")
+    fold_of = {}
+    for i in range(folds):
+        mask = assign_val(groups, labels, folds=folds, val_fold=i, seed=seed)
+        fold_of.update({g: i for g, m in zip(groups, mask.tolist(), strict=True) if m})
+    return np.fromiter((fold_of[g] for g in groups), dtype=np.int64, count=len(groups))

@@ -71,8 +71,8 @@ def prepare_out(out: str | Path, overwrite: bool) -> list[Path]:
     from pipeline.data.format import MANIFEST_NAME
 
     out = Path(out)
-    shards = [p for split in SPLITS for p in out.glob(f"{split}-*.tar")]
-    old = [*shards, out / MANIFEST_NAME, out / REPORT_NAME]
+    shards = [p for split in [*SPLITS, "fold*"] for p in out.glob(f"{split}-*.tar")]
+    old = [*shards, *out.glob("scans-*.csv"), out / MANIFEST_NAME, out / REPORT_NAME]
     old = [p for p in old if p.exists()]
     if old and not overwrite:
         raise DataError(
@@ -81,6 +81,11 @@ def prepare_out(out: str | Path, overwrite: bool) -> list[Path]:
     shutil.rmtree(out / TMP_NAME, ignore_errors=True)
     (out / TMP_NAME).mkdir(parents=True)
     return old
+
+
+def _fold_number(split: str) -> int:
+    """fold<i> (from `convert --folds K` without --val-fold) sorts by i, not as text."""
+    return int(split.removeprefix("fold"))
 
 
 def common_layout(chunks: Sequence[Chunk]) -> tuple[tuple[int, ...], str]:
@@ -139,7 +144,8 @@ def write_splits(
         row: (c, offset) for c, chunk in enumerate(chunks) for offset, row in enumerate(chunk.rows)
     }
     written: dict[str, list[ShardInfo]] = {}
-    for split_index, split in enumerate(SPLITS):
+    folds = sorted({s for s in split_of.values() if s not in SPLITS}, key=_fold_number)
+    for split_index, split in enumerate([*SPLITS, *folds]):
         # Sorted rows first, so the shuffle depends on the seed only, not on worker timing.
         rows = sorted(r for r in where if split_of[r] == split)
         if not rows:

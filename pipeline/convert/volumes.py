@@ -31,6 +31,7 @@ from pipeline.convert.driver import (
 from pipeline.convert.store import save_chunks
 from pipeline.convert.table import Candidate, Problem, RowError, cell, parse_float
 from pipeline.errors import ConfigError, DataError
+from pipeline.luna16 import read_scans
 
 SCAN_SUFFIXES = (".mhd", ".mha", ".nii.gz", ".nii", ".nrrd")
 VOLUME_DTYPES = ("uint8", "int16")
@@ -174,10 +175,15 @@ def convert_volumes(
     block_size: int = 256,
     on_error: str = "skip",
     overwrite: bool = False,
+    scan_list: str | Path | None = None,
 ) -> dict[str, Any]:
     """Convert scans + candidate list into `out/{train,val}-*.tar` + manifest; returns the summary.
 
     `label_col=None` converts unlabelled candidates (label 255) into `out/predict-*.tar`.
+    `folds` without `val_fold` writes `out/fold<i>-*.tar` for every fold. Each split's
+    scans are listed in `out/scans-<split>.csv` (the evaluated set for `pipeline evaluate
+    --scans`); `scan_list` names every scan of the data set, so listed scans without
+    candidates are split with the rest and listed too (they count in FP/scan).
     """
     require("SimpleITK")
     check_common_args(on_error, size, workers, shard_size, block_size)
@@ -226,7 +232,9 @@ def convert_volumes(
             raise DataError(
                 f"{candidates}: none of its {len(by_scan)} seriesuids has a scan under {scans}"
             )
-        split_of = run.split(val_fraction, folds, val_fold, seed)
+        listed = read_scans(scan_list, "--scan-list") if scan_list is not None else []
+        empty = sorted(set(listed) - set(by_scan))  # scans of the set without candidates
+        split_of = run.split(val_fraction, folds, val_fold, seed, extra_groups=empty)
         scans_found = sorted(
             ((uid, cs) for uid, cs in by_scan.items() if uid in files),
             key=lambda kv: -len(kv[1]),  # busiest scans first: no big one left for the end
@@ -246,4 +254,19 @@ def convert_volumes(
             for n, (uid, cs) in enumerate(scans_found)
         ]
         chunks = run.run(convert_scan_task, tasks, workers, desc="convert volumes")
-        return run.finish(chunks, split_of, shard_size, block_size, seed)
+        summary = run.finish(chunks, split_of, shard_size, block_size, seed)
+        write_scan_lists(Path(out), run.group_split, set(files) | set(empty))
+        return summary
+
+
+def write_scan_lists(out: Path, group_split: dict[str, str], known: set[str]) -> None:
+    """OUT/scans-<split>.csv: each split's seriesuids, one per line under a header.
+
+    Scans whose every candidate was dropped (e.g. missing) are left out unless listed.
+    """
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for uid, split in sorted(group_split.items()):
+        if uid in known:
+            by_split[split].append(uid)
+    for split, uids in by_split.items():
+        (out / f"scans-{split}.csv").write_text("seriesuid\n" + "".join(f"{u}\n" for u in uids))

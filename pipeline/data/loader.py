@@ -416,9 +416,24 @@ def _eval_batch(blocks: list[Block], worker: int, bad_records: int) -> dict[str,
             "label": np.concatenate([b.label for b in blocks]),
             "ids": [i for b in blocks for i in b.ids],
             "groups": groups,
+            "coords": _eval_coords(blocks),
             "bad_records": np.array([worker, bad_records]),
         }
     )
+
+
+def _eval_coords(blocks: list[Block]) -> np.ndarray | None:
+    """[n, D] float64 coordinates (world mm for volumes, pixels for images), or None.
+
+    None unless every block carries coordinates of one dimensionality: a prediction is
+    traced to its candidate by them, so a partial column would be worse than none.
+    """
+    if not blocks or any(b.coords is None or len(b.coords) != len(b) for b in blocks):
+        return None
+    rows = [np.asarray(b.coords, dtype=np.float64).reshape(len(b), -1) for b in blocks]
+    if len({r.shape[1] for r in rows}) != 1:
+        return None
+    return np.concatenate(rows)
 
 
 def _exit_with_parent(worker_id: int) -> None:

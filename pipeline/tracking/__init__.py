@@ -59,7 +59,12 @@ class Tracker:
             self.wandb.log(step, values)
 
     def log_eval(
-        self, step: int, values: dict[str, float], labels: np.ndarray, probs: np.ndarray
+        self,
+        step: int,
+        values: dict[str, float],
+        labels: np.ndarray,
+        probs: np.ndarray,
+        groups: list[str] | None = None,
     ) -> None:
         if not self.enabled:
             return
@@ -67,12 +72,20 @@ class Tracker:
         shown = " ".join(
             f"{k.split('/', 1)[-1]} {v:.4f}"
             for k, v in values.items()
-            if k in ("val/auroc", "val/ap", "val/sensitivity", "val/specificity", "val/cpm")
+            if k
+            in (
+                "val/auroc",
+                "val/ap",
+                "val/sensitivity",
+                "val/specificity",
+                "val/cpm",
+                "val/cpm_candidate",
+            )
         )
         self.progress.write(f"eval @ step {step}: {shown}")
         if self.wandb is not None:
             self.wandb.log(step, values)
-            self.wandb.log_curves(step, labels, probs)
+            self.wandb.log_curves(step, labels, probs, groups)
 
     def declare_data(
         self,

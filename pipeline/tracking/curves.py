@@ -64,3 +64,27 @@ def curve_points(
         auroc=metrics.auroc(labels, probs),
         ap=metrics.average_precision(labels, probs),
     )
+
+
+@dataclass(frozen=True)
+class FrocPoints:
+    """Candidate-level FROC on a log grid of FP/scan (1/8..8) with a bootstrap band."""
+
+    fps: np.ndarray
+    sensitivity: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    cpm: float
+
+
+def froc_points(
+    labels: np.ndarray, probs: np.ndarray, groups: list[str], bootstrap: int = 200, seed: int = 0
+) -> FrocPoints:
+    """What the W&B FROC chart shows during training (no annotations: per candidate)."""
+    from pipeline import froc
+
+    result = froc.froc_score(
+        froc.candidate_matched(labels, probs, groups), bootstrap=bootstrap, seed=seed
+    )
+    grid, low, high = result.band
+    return FrocPoints(grid, froc.sensitivity_at(result.curve, grid), low, high, result.cpm)

@@ -141,17 +141,25 @@ class WandbSink:
         except Exception as exc:  # never let tracking stop training
             self._give_up("log", exc)
 
-    def log_curves(self, step: int, labels: np.ndarray, probs: np.ndarray) -> None:
-        """ROC, PR and per-class probability histogram as W&B line plots (exact, thinned)."""
+    def log_curves(
+        self, step: int, labels: np.ndarray, probs: np.ndarray, groups: list[str] | None = None
+    ) -> None:
+        """ROC, PR, per-class probability histogram and (with scan ids) the FROC with its band."""
         if self._run is None or step < self._min_step or len(labels) == 0:
             return
         try:
             points = curves.curve_points(labels, probs)
+            froc = None
+            if groups is not None and 0 < int(np.sum(labels)) < len(labels):
+                froc = curves.froc_points(labels, probs, groups)
         except ValueError as exc:  # NaN probabilities: no curves this time, W&B stays on
             log.warning("wandb: no ROC/PR plots at step %d (%s)", step, exc)
             return
         try:
-            self._run.log(_plots(points), step=step)
+            plots = _plots(points)
+            if froc is not None:
+                plots["val/froc_curve"] = _froc_plot(froc)
+            self._run.log(plots, step=step)
         except Exception as exc:
             self._give_up("log_curves", exc)
 
@@ -309,3 +317,16 @@ def _plots(points: curves.CurvePoints) -> dict[str, Any]:
         plots["val/roc_curve"] = wandb.plot.line(roc, "fpr", "tpr", title="ROC")
         plots["val/pr_curve"] = wandb.plot.line(pr, "recall", "precision", title="Precision-recall")
     return plots
+
+
+def _froc_plot(points: curves.FrocPoints) -> Any:
+    """FROC (per candidate) with its 95% bootstrap band, as three series over FP/scan."""
+    import wandb
+
+    return wandb.plot.line_series(
+        xs=points.fps.tolist(),
+        ys=[points.sensitivity.tolist(), points.low.tolist(), points.high.tolist()],
+        keys=["sensitivity", "95% CI low", "95% CI high"],
+        title=f"FROC per candidate (interpolated CPM {points.cpm:.3f})",
+        xname="false positives per scan",
+    )
