@@ -51,11 +51,9 @@ def agent_args_as_overrides(argv: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipeline import sweep_task
+    from pipeline import distributed, sweep_task
     from pipeline.runtime import requested_run_dir
     from pipeline.train import train
-
-    from pipeline import distributed
 
     cfg = config_module.load(args.config, args.overrides)
     main = distributed.detect_env().rank == 0
