@@ -7,10 +7,14 @@ the collective helpers here, which are no-ops in a single process.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -248,3 +252,90 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     inner = getattr(model, "module", model)
     return getattr(inner, "_orig_mod", inner)
+
+
+# -- a failure on one rank ends every rank -------------------------------------------------
+# A rank that fails while the others wait in a collective would leave them waiting up to
+# dist.timeout_s. So the failing rank writes one key into the rendezvous store (torchrun's
+# agent store, or rank 0's TCPStore under srun), and every rank runs a watcher thread
+# that polls for it and ends its process at once, saying which rank failed and why.
+_WATCH: dict[str, Any] = {}
+POLL_S = 0.25
+
+
+def _failure_key() -> str:
+    # torchrun keeps one store across restarts: a dead attempt's key must not end the next.
+    return f"pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _store_client(timeout_s: float) -> Any:
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def start_failure_watch(command: str) -> None:
+    """Every rank: end this process when another rank announces a failure."""
+    if not dist.is_initialized() or _WATCH:
+        return
+    try:
+        store = _store_client(30.0)
+    except Exception as exc:  # noqa: BLE001 - a watcher we cannot start must not stop training
+        log.warning("failure watcher not started (%s); a failing rank ends others late", exc)
+        return
+    done = threading.Event()
+    _WATCH.update(store=store, done=done)
+    me = _ENV.rank
+
+    def watch() -> None:
+        lost = 0
+        while not done.wait(POLL_S):
+            try:
+                if not store.check([_failure_key()]):
+                    lost = 0
+                    continue
+                failed = json.loads(store.get(_failure_key()))
+            except Exception:  # noqa: BLE001 - the store's host (rank 0 under srun) is gone
+                lost += 1
+                if lost < 4 or done.is_set():
+                    continue
+                failed = {"rank": 0, "message": "the rendezvous store is gone", "exit_code": 1}
+            if failed["rank"] == me or done.is_set():
+                continue
+            print(
+                f"[rank {me}] pipeline {command}: error: stopping: rank {failed['rank']} "
+                f"failed: {failed['message']}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(int(failed["exit_code"]))
+
+    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+
+
+def stop_failure_watch() -> None:
+    """Before a clean shutdown: rank 0's store goes away then, which is not a failure."""
+    if _WATCH:
+        _WATCH["done"].set()
+
+
+def announce_failure(message: str, exit_code: int) -> dict[str, Any] | None:
+    """This rank failed: tell the others (first failure wins). Returns the failure on
+    record when another rank had already announced one (then this error is its echo)."""
+    store = _WATCH.get("store")
+    if store is None:
+        return None
+    record = json.dumps({"rank": _ENV.rank, "message": message, "exit_code": exit_code})
+    try:
+        first = store.compare_set(_failure_key(), "", record)
+        first = json.loads(first)
+    except Exception:  # noqa: BLE001 - the store is gone: nobody left to tell
+        return None
+    if first["rank"] != _ENV.rank:
+        return first
+    time.sleep(4 * POLL_S)  # the others' watchers see it before our sockets close
+    return None

@@ -2,8 +2,8 @@
 
 Each variant is the training step built from the project's own pieces (`build_model`,
 `DeviceTransform`, `build_optimizer`/`build_scheduler`, `TrainStream` + `build_loader`,
-`autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping exactly as
-`Trainer.fit` does. Variants take turns in rounds of `--window` steps (default, compute,
+`autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping with the real
+`pipeline.step.train_step` that `Trainer.fit` calls. Variants take turns in rounds of `--window` steps (default, compute,
 other precision, ..., default, ...), so a load swing on a shared machine hits them alike;
 rates are medians over rounds. `compute_only` repeats one real batch from memory: the
 upper bound the loader is measured against. `data_wait_fraction` is time blocked in
@@ -47,9 +47,10 @@ from pipeline import config, distributed  # noqa: E402
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader  # noqa: E402
 from pipeline.data.transforms import DeviceTransform  # noqa: E402
 from pipeline.host_memory import keep_freed_memory  # noqa: E402
-from pipeline.model import as_logits, build_model  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
 from pipeline.optim import build_optimizer, build_scheduler  # noqa: E402
 from pipeline.runtime import autocast, resolve_precision  # noqa: E402
+from pipeline.step import StepParts, train_step  # noqa: E402
 
 TARGET_CPU = 0.9
 DATA = {2: {"train": 16384, "val": 64, "shards": 16}, 3: {"train": 2048, "val": 64, "shards": 16}}
@@ -77,6 +78,7 @@ class Variant:
         fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
         model = model.to(device, memory_format=fmt if channels_last else torch.preserve_format)
         self.model = distributed.wrap_ddp(model, device, False)
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
         if how.get("compile"):
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, cfg.optim, device)
@@ -108,30 +110,28 @@ class Variant:
             self.batches = itertools.repeat(next(self.loader))
         else:
             self.batches = self.loader
+        self.parts = StepParts(
+            self.model,
+            ddp,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.criterion,
+            self.transform,
+            lambda: autocast(self.precision, device),
+            self.generator,
+            device,
+            grad_accum=1,
+            grad_clip=1.0,
+            precision=self.precision,
+        )
         self.rates: list[float] = []
         self.waits: list[float] = []
         self.first_steps_s = 0.0
 
     def step(self) -> float:
-        """One optimizer step, as in Trainer.fit; returns seconds blocked on the loader."""
-        waited = time.perf_counter()
-        batch = next(self.batches)
-        wait = time.perf_counter() - waited
-        patch = batch["patch"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True).float()
-        crops = self.transform(patch, train=True, generator=self.generator)
-        with autocast(self.precision, self.device):
-            logits = as_logits(self.model(*crops))
-        loss = self.criterion(logits.float(), label)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        bool(torch.isfinite(grad_norm))  # the loop's one host sync per step
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return wait
+        """One optimizer step: the real `train_step`; returns seconds blocked on the loader."""
+        return train_step(self.parts, self.batches).wait_s
 
     def window(self, steps: int, burn_in: int) -> None:
         for _ in range(0 if self.in_memory else burn_in):

@@ -146,10 +146,13 @@ def test_resume_from_a_truncated_path_is_a_one_line_error_naming_it(resumed, sha
 def test_checkpoint_of_another_model_width_is_refused_naming_the_file(resumed, shards, tmp_path):
     source, _, _ = resumed
     other = source / "checkpoints" / "step-00000015.pt"
-    result = run_cli(
-        _args(shards, tmp_path / "run", f"checkpoint.resume={other}", "model.width=8"),
-        cli_env(tmp_path),
+    # Accepted past the resume contract (which refuses it first): the weights do not fit.
+    extra = (
+        f"checkpoint.resume={other}",
+        "model.width=8",
+        "checkpoint.accept_changes=[model.width]",
     )
+    result = run_cli(_args(shards, tmp_path / "run", *extra), cli_env(tmp_path))
     line = _one_line_error(result)
     assert f"checkpoint {other}: model does not fit" in line
     assert "size mismatch" in line
