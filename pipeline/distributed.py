@@ -261,6 +261,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # that polls for it and ends its process at once, saying which rank failed and why.
 _WATCH: dict[str, Any] = {}
 POLL_S = 0.25
+GRACE_S = 1.5
 
 
 def _failure_key() -> str:
@@ -287,8 +288,8 @@ def start_failure_watch(command: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a watcher we cannot start must not stop training
         log.warning("failure watcher not started (%s); a failing rank ends others late", exc)
         return
-    done = threading.Event()
-    _WATCH.update(store=store, done=done)
+    done, failing = threading.Event(), threading.Event()
+    _WATCH.update(store=store, done=done, failing=failing)
     me = _ENV.rank
 
     def watch() -> None:
@@ -306,6 +307,10 @@ def start_failure_watch(command: str) -> None:
                 failed = {"rank": 0, "message": "the rendezvous store is gone", "exit_code": 1}
             if failed["rank"] == me or done.is_set():
                 continue
+            # Ranks often raise the same error together (a config or data check they all
+            # make): give this rank's own error a moment to arrive and speak for itself.
+            if failing.wait(GRACE_S):
+                return
             print(
                 f"[rank {me}] pipeline {command}: error: stopping: rank {failed['rank']} "
                 f"failed: {failed['message']}",
@@ -329,6 +334,7 @@ def announce_failure(message: str, exit_code: int) -> dict[str, Any] | None:
     store = _WATCH.get("store")
     if store is None:
         return None
+    _WATCH["failing"].set()
     record = json.dumps({"rank": _ENV.rank, "message": message, "exit_code": exit_code})
     try:
         first = store.compare_set(_failure_key(), "", record)

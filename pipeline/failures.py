@@ -9,9 +9,14 @@ of it (a closed connection, a timeout), and the returned `PeerFailed` says so in
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 import torch
 
 from pipeline import distributed
+from pipeline.checkpoint import DiskFullError
 from pipeline.errors import PipelineError
 
 
@@ -46,6 +51,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def agreed(exc: PipelineError) -> PipelineError:
+    """Mark an error that every rank raises together (after a collective that told them
+    all): nobody needs telling, and each rank's own line says what happened."""
+    exc.agreed = True  # type: ignore[attr-defined]
+    return exc
+
+
 def on_failure(exc: BaseException, step: int | None, device: torch.device) -> BaseException:
     """The exception this rank should raise for `exc` (after telling the other ranks)."""
     if isinstance(exc, SystemExit):
@@ -57,11 +69,20 @@ def on_failure(exc: BaseException, step: int | None, device: torch.device) -> Ba
             f"out of memory on rank {rank} ({device}){where}: {first_line(exc)}; lower "
             "train.batch_size (raise train.grad_accum to keep the global batch)"
         )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(exc.filename) if exc.filename else None
+        free = shutil.disk_usage(where.parent).free if where is not None else None
+        exc = DiskFullError(
+            f"no space left on device writing {where or '(unknown file)'}"
+            + (f" ({free / 2**20:.1f} MiB free in {where.parent})" if free is not None else "")
+        )
     if isinstance(exc, KeyboardInterrupt):
         code = 130
     else:
         code = exc.exit_code if isinstance(exc, PipelineError) else 1
+    if getattr(exc, "agreed", False):
+        return exc
     earlier = distributed.announce_failure(first_line(exc), code)
-    if earlier is not None:
+    if earlier is not None and earlier["message"] != first_line(exc):
         return PeerFailed(earlier["rank"], earlier["message"], int(earlier["exit_code"]))
     return exc

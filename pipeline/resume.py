@@ -25,6 +25,7 @@ from pipeline import distributed
 from pipeline.checkpoint import CheckpointManager, load_with_digest
 from pipeline.config import RESUME_FREE, Config
 from pipeline.errors import CheckpointError, PipelineError
+from pipeline.failures import agreed
 
 log = logging.getLogger("pipeline")
 # May differ on resume (a requeued job on fewer nodes); the data position carries over.
@@ -108,9 +109,9 @@ def choose(manager: CheckpointManager, cfg: Config, now: dict[str, Any]) -> Resu
     head = None if found is None else (str(found[0]), int(found[1]["step"]), found[2])
     head, message = distributed.broadcast_object((head, None if problem is None else str(problem)))
     if problem is not None:
-        raise problem
+        raise agreed(problem)
     if message is not None:
-        raise CheckpointError(f"rank 0 refused the resume: {message.splitlines()[0]}")
+        raise agreed(CheckpointError(f"rank 0 refused the resume: {message.splitlines()[0]}"))
     if head is None:
         return None
     path, step, digest = head
@@ -120,7 +121,9 @@ def choose(manager: CheckpointManager, cfg: Config, now: dict[str, Any]) -> Resu
     problems = distributed.gather_objects(None if mine == digest else mine)
     bad = [p for p in problems if p is not None]
     if bad:
-        raise CheckpointError(f"{bad[0]}; every rank must see the same run.dir (shared storage)")
+        raise agreed(
+            CheckpointError(f"{bad[0]}; every rank must see the same run.dir (shared storage)")
+        )
     changed = distributed.broadcast_object(changed if distributed.is_main() else None)
     return Resume(Path(path), state, changed)
 
@@ -150,7 +153,9 @@ def verify_ranks_agree(step: int, digest: str, source: Path | None) -> None:
     views = distributed.gather_objects((step, digest))
     for rank, view in enumerate(views):
         if view != views[0]:
-            raise CheckpointError(
-                f"rank {rank} holds step {view[0]} (parameters {view[1]}) but rank 0 step "
-                f"{views[0][0]} ({views[0][1]}) after resuming from {source}"
+            raise agreed(
+                CheckpointError(
+                    f"rank {rank} holds step {view[0]} (parameters {view[1]}) but rank 0 step "
+                    f"{views[0][0]} ({views[0][1]}) after resuming from {source}"
+                )
             )

@@ -53,9 +53,9 @@ def train(cfg: Config) -> dict[str, Any]:
     distributed.start_failure_watch("train")
     trainer = None
     try:
+        sources, pos_weight = prepare_data(cfg)  # bad data fails before anything is written
         run_dir = resolve_run_dir(cfg.run.dir)
         cfg.run.dir = str(run_dir)
-        sources, pos_weight = prepare_data(cfg)
         precision = resolve_precision(cfg.train.precision, device)
         contract = resume.contract(cfg, env.world_size, sources.train, sources.val)
         checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
