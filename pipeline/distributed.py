@@ -6,6 +6,7 @@ the collective helpers here, which are no-ops in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -157,13 +158,14 @@ def placement() -> dict[str, Any]:
 
 
 def shutdown() -> None:
-    """Destroy the process groups once nothing else holds them.
+    """Destroy the process groups once nothing else holds them (not after a failure: see
+    `abandon`).
 
     DDP's reducer keeps its group alive, and the trainer sits in a reference cycle: without
     the collection the group's gloo threads would outlive destroy_process_group and die in
     interpreter teardown, which can abort ("terminate called without an active exception").
     """
-    if dist.is_initialized():
+    if dist.is_initialized() and not _WATCH.get("abandoned"):
         gc.collect()
         dist.destroy_process_group()
 
@@ -261,7 +263,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # that polls for it and ends its process at once, saying which rank failed and why.
 _WATCH: dict[str, Any] = {}
 POLL_S = 0.25
-GRACE_S = 1.5
+GRACE_S = 0.5  # for this rank's own error to arrive when all ranks raise it together
+LINGER_S = 1.5  # the failing rank exits first, so launchers report it as the culprit
 
 
 def _failure_key() -> str:
@@ -317,6 +320,8 @@ def start_failure_watch(command: str) -> None:
                 file=sys.stderr,
                 flush=True,
             )
+            _WATCH["reported"] = int(failed["exit_code"])
+            time.sleep(LINGER_S)
             os._exit(int(failed["exit_code"]))
 
     threading.Thread(target=watch, name="failure-watch", daemon=True).start()
@@ -334,6 +339,8 @@ def announce_failure(message: str, exit_code: int) -> dict[str, Any] | None:
     store = _WATCH.get("store")
     if store is None:
         return None
+    if "reported" in _WATCH:  # the watcher already said which rank failed: this is its echo
+        os._exit(_WATCH["reported"])
     _WATCH["failing"].set()
     record = json.dumps({"rank": _ENV.rank, "message": message, "exit_code": exit_code})
     try:
@@ -343,5 +350,31 @@ def announce_failure(message: str, exit_code: int) -> dict[str, Any] | None:
         return None
     if first["rank"] != _ENV.rank:
         return first
-    time.sleep(4 * POLL_S)  # the others' watchers see it before our sockets close
+    # The others' watchers see it (and print their line) before our sockets close.
+    time.sleep(POLL_S + GRACE_S + 0.5)
     return None
+
+
+def abandon(exit_code: int) -> None:
+    """After a failure: leave the process group as it is and end the process with
+    `exit_code` once the CLI has printed its line.
+
+    Tearing the group down can block while a peer still waits in a collective, and gloo
+    threads left running abort the interpreter's own teardown; so the process ends from
+    an atexit hook (which runs before that teardown) with the exit code it meant.
+    """
+    if not dist.is_initialized():
+        return
+    first = not _WATCH.get("abandoned")
+    _WATCH["abandoned"], _WATCH["exit_code"] = True, exit_code
+    if not first:
+        return
+    import atexit
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(_WATCH["exit_code"])
+
+    atexit.register(leave)

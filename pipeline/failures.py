@@ -80,9 +80,11 @@ def on_failure(exc: BaseException, step: int | None, device: torch.device) -> Ba
         code = 130
     else:
         code = exc.exit_code if isinstance(exc, PipelineError) else 1
+    distributed.abandon(code)
     if getattr(exc, "agreed", False):
         return exc
     earlier = distributed.announce_failure(first_line(exc), code)
     if earlier is not None and earlier["message"] != first_line(exc):
+        distributed.abandon(int(earlier["exit_code"]))
         return PeerFailed(earlier["rank"], earlier["message"], int(earlier["exit_code"]))
     return exc
