@@ -57,6 +57,20 @@ DATA = {2: {"train": 16384, "val": 64, "shards": 16}, 3: {"train": 2048, "val": 
 CONFIGS = {2: ROOT / "configs" / "default.yaml", 3: ROOT / "configs" / "volume3d.yaml"}
 
 
+class SlowStream(TrainStream):
+    """The real training stream, `delay` seconds slower per batch inside the worker: the
+    planted slow loader whose data-wait the benchmark must see (or it fails)."""
+
+    def __init__(self, spec: StreamSpec, delay: float) -> None:
+        super().__init__(spec)
+        self.delay = delay
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
 class Variant:
     """One training setup: model, optimizer, scaler, transform and its own batch source."""
 
@@ -101,9 +115,9 @@ class Variant:
             data.shuffle_blocks,
         )
         pin = device.type == "cuda"
-        self.loader = iter(
-            build_loader(TrainStream(spec), data.num_workers, pin, data.prefetch_factor)
-        )
+        slow = how.get("slow_s")
+        stream = SlowStream(spec, slow) if slow else TrainStream(spec)
+        self.loader = iter(build_loader(stream, data.num_workers, pin, data.prefetch_factor))
         if self.in_memory:
             # The loader stays alive (its workers idle once prefetched): both kinds of
             # variant run the same processes and differ only in where batches come from.
@@ -185,11 +199,25 @@ def interleave(variants: list[Variant], args: argparse.Namespace, device: torch.
             burn_in = args.burn_in
             if burn_in < 0:  # drain what the workers prefetched while the others ran
                 workers = max(variant.cfg.data.num_workers, 1)
-                burn_in = variant.cfg.data.prefetch_factor * workers if device.type == "cuda" else 1
+                burn_in = variant.cfg.data.prefetch_factor * workers + 1
             variant.window(args.window, burn_in)
     results = {v.name: v.result() for v in live}
     results.update(notes)
     return results
+
+
+SLOW, SLOW_FACTOR, SLOW_MIN_WAIT = "slow_loader_planted", 5.0, 0.5
+
+
+def compute_step_s(variant: Variant, steps: int = 3) -> float:
+    """Seconds per step from memory (after a warm-up step): the planted delay's unit."""
+    variant.step()
+    sync(variant.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        variant.step()
+    sync(variant.device)
+    return (time.perf_counter() - started) / steps
 
 
 def load_cfg(dims: int, data: Path, device: str, extra: list[str]) -> Any:
@@ -298,7 +326,11 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.de
     variants = [
         Variant(name, cfg, device, shards, **how) for name, how in variant_plan(device, args.quick)
     ]
+    # The method's own check: a loader planted 5x slower than the step must show.
+    step_s = compute_step_s(variants[1])
+    variants.append(Variant(SLOW, cfg, device, shards, slow_s=SLOW_FACTOR * step_s))
     results = interleave(variants, args, device)
+    results[SLOW]["planted_delay_s"] = round(SLOW_FACTOR * step_s, 4)
     del variants  # stop their loader workers before the compile child starts
     if not args.quick and not args.no_compile:
         spec = {
@@ -351,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", choices=("2", "3", "both"), default="both")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--window", type=int, default=3, help="measured steps per turn")
+    parser.add_argument("--window", type=int, default=8, help="measured steps per turn")
     parser.add_argument("--rounds", type=int, default=3, help="turns per variant")
     parser.add_argument("--burn-in", type=int, default=-1, help="steps before each turn (-1: auto)")
     parser.add_argument("--max-step-s", type=float, default=60, help="drop slower variants")
@@ -381,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_compile(json.loads(args.compile_spec))))
             return 0
         if args.quick:
-            args.window, args.rounds = 1, 2
+            args.window, args.rounds = 3, 2
         dims_list = [2, 3] if args.dims == "both" else [int(args.dims)]
         with tempfile.TemporaryDirectory() as tmp:
             per_dims = {f"{d}d": bench_dims(d, Path(tmp), args, device) for d in dims_list}
@@ -405,7 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     if result["loader_vs_compute"] is not None:
         result["meets_target"] = result["loader_vs_compute"] >= TARGET_CPU
+    seen = {d: r["variants"].get(SLOW, {}).get("data_wait_fraction") for d, r in per_dims.items()}
+    result["slow_loader_data_wait"] = seen
+    result["method_sees_slow_loader"] = all(
+        w is not None and w >= SLOW_MIN_WAIT for w in seen.values()
+    )
     print(json.dumps(result))
+    if not result["method_sees_slow_loader"]:
+        print(
+            f"bench_train: error: the planted slow loader ({SLOW_FACTOR:g}x the step) shows "
+            f"data-wait {seen}, below {SLOW_MIN_WAIT}: this measurement cannot see a slow loader",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -52,7 +52,8 @@ def _faulty(fault: str) -> list[str]:
 
 CASES = {
     # kind: (which shards, extra overrides, exit code, what the failing line says)
-    "guard": ("good", [*_faulty("bounded"), "guard.dynamic=error", "guard.check_every=1"], 2,
+    "guard": ("good", [*_faulty("bounded"), "guard.dynamic=error", "guard.check_every=1",
+                         "train.batch_size=16"], 2,
               "logits of this batch"),
     "data_worker": ("broken", ["data.num_workers=1", "data.on_error=fail"], 2, "shard"),
     "evaluation": ("broken_val", ["train.eval_every=2", "data.on_error=fail"], 2, "val-000001"),
