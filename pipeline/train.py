@@ -61,6 +61,8 @@ def train(cfg: Config) -> dict[str, Any]:
         checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         resumed = resume.choose(checkpoints, cfg, contract)  # before any work
         start = None if resumed is None else int(resumed.state["step"])
+        trainer = Trainer(cfg, device, precision, sources, pos_weight, checkpoints)
+        trainer.restore(resumed, contract)
         tracker = open_tracker(cfg, run_dir, device, precision, pos_weight, start)
         log.info(
             "run dir %s | %s | global batch %d | pos_weight %.3g",
@@ -69,9 +71,7 @@ def train(cfg: Config) -> dict[str, Any]:
             contract["global_batch"],
             pos_weight,
         )
-        trainer = Trainer(cfg, device, precision, sources, pos_weight, tracker, checkpoints)
-        trainer.restore(resumed, contract)
-        result = trainer.fit()
+        result = trainer.fit(tracker)
         # Only on success (a failed rank must not wait here): no rank tears down its
         # connections while another still finishes its last collective.
         distributed.barrier()
@@ -91,16 +91,14 @@ class Trainer:
         precision: str,
         sources: Any,
         pos_weight: float,
-        tracker: Tracker,
         checkpoints: CheckpointManager,
     ) -> None:
         self.cfg, self.device, self.precision, self.sources = cfg, device, precision, sources
-        self.pos_weight, self.tracker, self.checkpoints = pos_weight, tracker, checkpoints
+        self.pos_weight, self.checkpoints = pos_weight, checkpoints
         self.run_dir = checkpoints.dir.parent
         env = distributed.env()
         self.state = build_train_state(cfg, device, precision, env.rank)
         self.module = self.state.model
-        self.logits = LogitCheck(cfg.guard.dynamic, tracker)
         self.best = BestMetric(cfg.checkpoint.metric, cfg.checkpoint.mode)
         self.thresholds: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
@@ -158,8 +156,10 @@ class Trainer:
             self.precision,
         )
 
-    def fit(self) -> dict[str, Any]:
-        cfg, state, tracker = self.cfg, self.state, self.tracker
+    def fit(self, tracker: Tracker) -> dict[str, Any]:
+        """Train to `train.max_steps` (or a stop request); `tracker` records it all."""
+        cfg, state, self.tracker = self.cfg, self.state, tracker
+        self.logits = LogitCheck(cfg.guard.dynamic, tracker)
         start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
         batches = (
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
