@@ -53,16 +53,17 @@ def train(cfg: Config) -> dict[str, Any]:
     distributed.start_failure_watch("train")
     trainer = None
     try:
-        sources, pos_weight = prepare_data(cfg)  # bad data fails before anything is written
+        # Bad data and a refused model fail before anything is written.
+        sources, pos_weight = prepare_data(cfg)
+        precision = resolve_precision(cfg.train.precision, device)
+        trainer = Trainer(cfg, device, precision, sources, pos_weight)
         run_dir = resolve_run_dir(cfg.run.dir)
         cfg.run.dir = str(run_dir)
-        precision = resolve_precision(cfg.train.precision, device)
         contract = resume.contract(cfg, env.world_size, sources.train, sources.val)
         checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         resumed = resume.choose(checkpoints, cfg, contract)  # before any work
         start = None if resumed is None else int(resumed.state["step"])
-        trainer = Trainer(cfg, device, precision, sources, pos_weight, checkpoints)
-        trainer.restore(resumed, contract)
+        trainer.restore(resumed, contract, checkpoints)
         tracker = open_tracker(cfg, run_dir, device, precision, pos_weight, start)
         log.info(
             "run dir %s | %s | global batch %d | pos_weight %.3g",
@@ -91,11 +92,9 @@ class Trainer:
         precision: str,
         sources: Any,
         pos_weight: float,
-        checkpoints: CheckpointManager,
     ) -> None:
         self.cfg, self.device, self.precision, self.sources = cfg, device, precision, sources
-        self.pos_weight, self.checkpoints = pos_weight, checkpoints
-        self.run_dir = checkpoints.dir.parent
+        self.pos_weight = pos_weight
         env = distributed.env()
         self.state = build_train_state(cfg, device, precision, env.rank)
         self.module = self.state.model
@@ -105,9 +104,15 @@ class Trainer:
         self.bad_records: dict[int, int] = {}
         self.contract: dict[str, Any] = {}
 
-    def restore(self, resumed: resume.Resume | None, contract: dict[str, Any]) -> None:
+    def restore(
+        self,
+        resumed: resume.Resume | None,
+        contract: dict[str, Any],
+        checkpoints: CheckpointManager,
+    ) -> None:
         """The chosen checkpoint (or fresh seeds), agreed by every rank, then DDP."""
         cfg, state, env = self.cfg, self.state, distributed.env()
+        self.checkpoints, self.run_dir = checkpoints, checkpoints.dir.parent
         self.contract = contract
         if resumed is None:
             state.seed_fresh(env.rank)
@@ -116,7 +121,8 @@ class Trainer:
             same_world = state.load_state_dict(saved, env.rank, env.world_size, resumed.path)
             if not same_world:
                 log.warning(
-                    "world size changed (%d -> %d): RNG streams restart from seeds",
+                    "world size changed (%d -> %d): RNG streams and the data order restart from the "
+                    "seeds at this step (samples of the current epoch may repeat)",
                     len(saved.get("rng", [])),
                     env.world_size,
                 )

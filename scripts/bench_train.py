@@ -3,18 +3,22 @@
 Each variant is the training step built from the project's own pieces (`build_model`,
 `DeviceTransform`, `build_optimizer`/`build_scheduler`, `TrainStream` + `build_loader`,
 `autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping with the real
-`pipeline.step.train_step` that `Trainer.fit` calls. Variants take turns in rounds of `--window` steps (default, compute,
-other precision, ..., default, ...), so a load swing on a shared machine hits them alike;
-rates are medians over rounds. `compute_only` repeats one real batch from memory: the
-upper bound the loader is measured against. `data_wait_fraction` is time blocked in
-`next(batches)` over step time. Before each measured window a variant with a real loader
-runs burn-in steps that drain what its workers prefetched while others ran. torch.compile
-runs in a child process (time-boxed), eager and compiled taking turns the same way.
-Under `torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). The last
-printed line is one JSON object with `loader_vs_compute` (default 2D config, precision
-auto: bf16 on CUDA, fp32 on CPU) and `data_wait_fraction`.
+`pipeline.step.train_step` that `Trainer.fit` calls. Variants take turns in rounds of
+`--window` steps (default, compute, other precision, ..., default, ...), so a load swing
+on a shared machine hits them alike; rates are medians over rounds. `compute_only`
+repeats one real batch from memory: the upper bound the loader is measured against.
+`data_wait_fraction` is time blocked in `next(batches)` over step time. Before each
+measured window a variant with a real loader runs burn-in steps (prefetch_factor x
+workers + 1) that drain what its workers prefetched while others ran, so the windows
+(default 8 steps) see the steady state. The method checks itself: `slow_loader_planted`
+is the real loader made 5x slower than a compute-only step inside its worker; its
+data-wait must be >= 0.5, or the script prints an error and exits 1. torch.compile runs
+in a child process (time-boxed), eager and compiled taking turns the same way. Under
+`torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). The last printed
+line is one JSON object with `loader_vs_compute` (default 2D config, precision auto: bf16
+on CUDA, fp32 on CPU), `data_wait_fraction` and `slow_loader_data_wait`.
 
-    python scripts/bench_train.py --dims 2           # ~3 min on 2 CPU cores (3D: ~30 min)
+    python scripts/bench_train.py --dims 2           # minutes on 2 CPU cores (3D: longer)
     python scripts/bench_train.py --dims 2 --quick   # seconds: smoke test
     torchrun --standalone --nproc_per_node=1 scripts/bench_train.py --device cuda --ddp
 """
