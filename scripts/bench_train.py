@@ -202,8 +202,9 @@ def interleave(variants: list[Variant], args: argparse.Namespace, device: torch.
         for variant in live:
             burn_in = args.burn_in
             if burn_in < 0:  # drain what the workers prefetched while the others ran
-                workers = max(variant.cfg.data.num_workers, 1)
-                burn_in = variant.cfg.data.prefetch_factor * workers + 1
+                # (with no workers nothing is prefetched: batches are made on demand)
+                workers = variant.cfg.data.num_workers
+                burn_in = variant.cfg.data.prefetch_factor * workers + 1 if workers else 0
             variant.window(args.window, burn_in)
     results = {v.name: v.result() for v in live}
     results.update(notes)
