@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_compile(json.loads(args.compile_spec))))
             return 0
         if args.quick:
-            args.window, args.rounds = 3, 2
+            args.window, args.rounds = 2, 2
         dims_list = [2, 3] if args.dims == "both" else [int(args.dims)]
         with tempfile.TemporaryDirectory() as tmp:
             per_dims = {f"{d}d": bench_dims(d, Path(tmp), args, device) for d in dims_list}
