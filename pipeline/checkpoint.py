@@ -7,19 +7,29 @@ same directory, fsync it, rename it over the target and fsync the directory. Loa
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, PipelineError
 
 log = logging.getLogger("pipeline")
 FORMAT = 1
+
+
+class DiskFullError(PipelineError):
+    """No space left where a checkpoint goes (not the user's input: exit 1)."""
+
+    exit_code = 1
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -31,6 +41,19 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save wraps the write's OSError in a RuntimeError ("... failed writing").
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            "No space left" in str(exc) or "failed writing" in str(exc)
+        )
+        if not full:
+            raise
+        tmp.unlink(missing_ok=True)  # before measuring: the free space it held is back
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(
+            f"no space left on device writing checkpoint {path} ({free / 2**20:.1f} MiB free "
+            f"in {path.parent}); the previous checkpoint there is intact"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -42,17 +65,25 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint safely; CheckpointError naming the file when it is unusable."""
+    return load_with_digest(path)[0]
+
+
+def load_with_digest(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The checkpoint and a digest of its bytes (read once): ranks compare digests to be
+    sure they loaded the same file, not one that merely has the same name."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not ours: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a pipeline checkpoint (format {FORMAT})")
-    return state
+    return state, digest
 
 
 def rng_state(augment: torch.Generator | None) -> dict[str, Any]:
@@ -108,8 +139,6 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep_last = keep_last
-        self.resumed_from: Path | None = None
-        """The file `resume_state` loaded (errors about its content must name it)."""
 
     @property
     def last(self) -> Path:
@@ -137,8 +166,9 @@ class CheckpointManager:
     def step_files(self) -> list[Path]:
         return sorted(self.dir.glob("step-*.pt"))
 
-    def resume_state(self, resume: str) -> dict[str, Any] | None:
-        """The state to resume from, per `checkpoint.resume` (auto | never | a path).
+    def choose(self, resume: str) -> tuple[Path, dict[str, Any], str] | None:
+        """(path, state, digest) to resume from, per `checkpoint.resume` (auto | never | a
+        path), or None for a fresh start.
 
         With `auto`, a corrupt `last.pt` falls back to the newest readable step checkpoint,
         with a warning, so a crash during a write never costs more than one interval.
@@ -146,13 +176,12 @@ class CheckpointManager:
         if resume == "never":
             return None
         if resume != "auto":
-            self.resumed_from = Path(resume)
-            return load(resume)
+            return (Path(resume), *load_with_digest(resume))
         candidates = [self.last] + list(reversed(self.step_files()))
         candidates = [p for p in candidates if p.exists()]
         for index, path in enumerate(candidates):
             try:
-                state = load(path)
+                state, digest = load_with_digest(path)
             except CheckpointError as exc:
                 if index == len(candidates) - 1:
                     raise
@@ -160,6 +189,5 @@ class CheckpointManager:
                 continue
             if index > 0:
                 log.warning("resuming from %s instead of %s", path, self.last)
-            self.resumed_from = path
-            return state
+            return path, state, digest
         return None

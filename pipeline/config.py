@@ -22,6 +22,25 @@ from pipeline.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOG_CHECKPOINTS = ("none", "best", "all")
 WANDB_MODES = ("online", "offline", "disabled")
+# Validation metrics `checkpoint.metric` may name, with the direction that is better.
+# `cpm_candidate` and `froc_candidate_*` exist when validation samples carry a scan id.
+METRIC_MODES = {
+    **dict.fromkeys(
+        ("auroc", "ap", "accuracy", "sensitivity", "specificity", "precision", "f1"), "max"
+    ),
+    "cpm_candidate": "max",
+    **{f"sens_at_fpr_{pct}pct": "max" for pct in (1, 5, 10)},
+    **{f"froc_candidate_{rate:g}": "max" for rate in (0.125, 0.25, 0.5, 1, 2, 4, 8)},
+    "loss": "min",
+}
+# Keys a resume may change freely (everything else recorded in a checkpoint's resume
+# contract is refused unless listed in checkpoint.accept_changes).
+RESUME_FREE = ("train.max_steps",)
+
+
+def metric_mode(metric: str) -> str:
+    """`max` or `min`: the direction in which `metric` improves."""
+    return METRIC_MODES[metric]
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -362,9 +381,16 @@ class CheckpointConfig:
     keep_last: int = 2
     """Step checkpoints (`step-XXXXXXXX.pt`) kept besides `last.pt` and `best.pt`."""
     metric: str = "auroc"
-    """Validation metric that decides `best.pt` (higher is better)."""
+    """Validation metric that decides `best.pt`: auroc, ap, loss (validation loss), cpm,
+    accuracy, sensitivity, specificity, precision, f1, sens_at_fpr_{1,5,10}pct, froc_<rate>."""
+    mode: str = "auto"
+    """`max` or `min`: which direction of `metric` is better; `auto` = the metric's own
+    (min for loss, max for every other)."""
     resume: str = "auto"
     """`auto` (resume from RUN_DIR/checkpoints/last.pt when present), `never`, or a path."""
+    accept_changes: list[str] = field(default_factory=list)
+    """Keys of the resume contract (e.g. `[optim.lr]`) that this resume may change; any
+    other changed key is refused. `train.max_steps` may always grow."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
@@ -377,6 +403,12 @@ class CheckpointConfig:
             "validation reports cpm_candidate (per candidate); the LUNA16 cpm needs "
             "annotations (pipeline evaluate --annotations)",
         )
+        _require(
+            self.metric in METRIC_MODES,
+            "checkpoint.metric",
+            f"unknown metric {self.metric!r}; one of {', '.join(METRIC_MODES)}",
+        )
+        _choice(self.mode, "checkpoint.mode", ("auto", "max", "min"))
 
 
 @dataclass

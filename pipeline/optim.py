@@ -36,3 +36,25 @@ def build_scheduler(
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_optim_config(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: OptimConfig,
+) -> None:
+    """After loading a checkpoint: this config's hyperparameters from the resume step on.
+
+    A loaded optimizer and scheduler carry the old run's lr, weight decay and betas. The
+    schedule keeps its shape (warm-up, then cosine to `max_steps`, as this config says);
+    its peak becomes `optim.lr`, so the lr at step s is `optim.lr * factor(s)`. With an
+    unchanged config this recomputes the very values that were loaded.
+    """
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for index, (group, factor) in enumerate(zip(optimizer.param_groups, factors, strict=True)):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor
+        group["weight_decay"] = cfg.weight_decay if index == 0 else 0.0
+        group["betas"] = tuple(cfg.betas)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

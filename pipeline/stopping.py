@@ -1,9 +1,11 @@
-"""Graceful stop: SIGTERM/SIGUSR1 or a `RUN_DIR/STOP` file -> all ranks stop at one step.
+"""Graceful stop: SIGTERM/SIGUSR1/SIGINT or a `RUN_DIR/STOP` file -> all ranks stop at one step.
 
 torchrun forwards only some signals to its workers, and SLURM signals the batch shell, so
 the batch script's trap touches a stop file that rank 0 polls. Signals that do reach us
-(SIGTERM from a time limit or scancel) set the same flag. Ranks agree through one tiny
-all-reduce per step, so they all save the same step and exit together. DataLoader workers
+(SIGTERM from a time limit or scancel) set the same flag. Ctrl-C (SIGINT) does too; a
+second Ctrl-C raises KeyboardInterrupt at once (exit 130, no checkpoint). Ranks agree
+through one tiny all-reduce every `train.log_every` steps (not every step: no host sync
+per step), so they all save the same step and exit together. DataLoader workers
 ignore these signals (see data.loader), so the trainer still has its batches while it
 finishes the step and saves.
 """
@@ -24,7 +26,7 @@ class StopRequest:
     def __init__(self, run_dir: Path) -> None:
         self.stop_file = run_dir / STOP_FILE
         self.signalled: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -32,8 +34,13 @@ class StopRequest:
         # process of the step and torchrun then forwards its own SIGTERM, milliseconds
         # apart. The checkpoint comes first; SIGKILL at the end of the grace period is the
         # escalation.
+        if signum == signal.SIGINT and self.signalled == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         if self.signalled is None:
             self.signalled = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping at the next agreed step and saving a "
+                            "checkpoint; press Ctrl-C again to exit at once")  # fmt: skip
 
     def local(self) -> bool:
         """This rank's view: a signal arrived, or (rank 0) the stop file exists."""

@@ -1,33 +1,36 @@
 """The training loop: shards -> device crops -> logits -> BCEWithLogits -> step -> metrics.
 
-Read it top to bottom: `train()` sets up the process, `Trainer` builds the pieces in data
-flow order, and `Trainer.fit()` is one `while` loop over optimizer steps.
+Read it top to bottom: `train()` sets up the process, the run dir, the data, the resume
+and the tracker; `Trainer` builds the model and its state in data flow order; and
+`Trainer.fit()` is one `while` loop over optimizer steps whose every stage is visible.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline import distributed, guard, run_lock
-from pipeline.config import Config
-from pipeline.data import sources as data_sources
-from pipeline.data.compat import check_fit
-from pipeline.data.loader import StreamSpec, TrainStream, build_loader, check_readers
+from pipeline import distributed, resume, run_lock
+from pipeline.checkpoint import CheckpointManager
+from pipeline.config import Config, to_dict
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import PipelineError
+from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
-from pipeline.model import as_logits, build_model
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.run_state import RunState
+from pipeline.logit_check import LogitCheck
+from pipeline.optim import apply_optim_config
+from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
 from pipeline.runtime import autocast, resolve_precision, setup_logging
+from pipeline.step import StepParts, train_step
 from pipeline.stopping import StopRequest
+from pipeline.tracking import Tracker
+from pipeline.train_state import build_train_state
+from pipeline.validation import BestMetric, record_eval, validate
 
 log = logging.getLogger("pipeline")
 
@@ -48,62 +51,95 @@ def train(cfg: Config) -> dict[str, Any]:
     if cfg.train.keep_freed_memory:
         keep_freed_memory()  # before the loader starts workers: forked ones inherit it
     distributed.init(cfg.dist.backend, cfg.dist.timeout_s, device, env)
+    distributed.start_failure_watch("train")
+    trainer = None
     try:
-        run_lock.acquire(cfg.run)  # one job per run dir; rank 0 holds it until the end
-        result = Trainer(cfg, device).fit()
+        # Bad data and a refused model fail before anything is written.
+        sources, pos_weight = prepare_data(cfg)
+        precision = resolve_precision(cfg.train.precision, device)
+        trainer = Trainer(cfg, device, precision, sources, pos_weight)
+        run_lock.acquire(cfg.run)  # resolves run.dir; rank 0 holds its lock until the end
+        run_dir = Path(cfg.run.dir)
+        contract = resume.contract(cfg, env.world_size, sources.train, sources.val)
+        checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+        resumed = resume.choose(checkpoints, cfg, contract)  # before any work
+        start = None if resumed is None else int(resumed.state["step"])
+        trainer.restore(resumed, contract, checkpoints)
+        tracker = open_tracker(cfg, run_dir, device, precision, pos_weight, start, sources)
+        log.info(
+            "run dir %s | %s | global batch %d | pos_weight %.3g",
+            run_dir,
+            precision,
+            contract["global_batch"],
+            pos_weight,
+        )
+        result = trainer.fit(tracker)
         # Only on success (a failed rank must not wait here): no rank tears down its
         # connections while another still finishes its last collective.
         distributed.barrier()
+        distributed.stop_failure_watch()
         return result
+    except BaseException as exc:
+        raise on_failure(exc, trainer.state.step if trainer else None, device) from None
     finally:
         run_lock.release()
         distributed.shutdown()
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        precision: str,
+        sources: Any,
+        pos_weight: float,
+    ) -> None:
+        self.cfg, self.device, self.precision, self.sources = cfg, device, precision, sources
+        self.pos_weight = pos_weight
         env = distributed.env()
-        self.precision = resolve_precision(cfg.train.precision, device)
-        # Data first: bad patterns fail here, before the model costs anything.
-        if cfg.data.train is None:
-            data_sources.ensure_synthetic(cfg.data, distributed.is_main())
-            distributed.barrier()
-        # Every rank checks the patterns (errors surface everywhere), then takes rank 0's
-        # list: a lagging shared filesystem must not give ranks different shard lists.
-        self.sources = distributed.broadcast_object(data_sources.resolve(cfg.data))
-        check_fit(self.sources, cfg.data)  # shards vs data.dims/channels/scales: one line
-        check_readers(len(self.sources.train), env.world_size, cfg.data.num_workers)
-        pos_weight = cfg.loss.pos_weight
-        if pos_weight == "auto":
-            pos_weight = data_sources.auto_pos_weight(self.sources, cfg.loss.max_pos_weight)
-        self.pos_weight = float(pos_weight)
+        self.state = build_train_state(cfg, device, precision, env.rank)
+        self.module = self.state.model
+        self.best = BestMetric(cfg.checkpoint.metric, cfg.checkpoint.mode)
+        self.thresholds: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+        self.bad_records: dict[int, int] = {}
+        self.contract: dict[str, Any] = {}
 
-        # Same init on every rank (DDP would broadcast rank 0's weights anyway).
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(
-            dims=cfg.data.dims,
-            in_channels=cfg.data.channels,
-            scales=cfg.data.scales,
-            **{k: getattr(cfg.model, k) for k in ("name", "target", "kwargs", "width", "depth")},
-            **{k: getattr(cfg.model, k) for k in ("features", "hidden", "dropout")},
-        )
-        self.guard_static(model)
-        fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
-        model = model.to(device, memory_format=fmt if cfg.model.channels_last else None)
-        self.model = distributed.wrap_ddp(model, device, cfg.model.sync_batchnorm)
-        # Kept apart from a compiled wrapper, which hides DDP's no_sync().
-        self.ddp = (
-            self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
-        )
+    def restore(
+        self,
+        resumed: resume.Resume | None,
+        contract: dict[str, Any],
+        checkpoints: CheckpointManager,
+    ) -> None:
+        """The chosen checkpoint (or fresh seeds), agreed by every rank, then DDP."""
+        cfg, state, env = self.cfg, self.state, distributed.env()
+        self.checkpoints, self.run_dir = checkpoints, checkpoints.dir.parent
+        self.contract = contract
+        if resumed is None:
+            state.seed_fresh(env.rank)
+        else:
+            saved = resumed.state
+            same_world = state.load_state_dict(saved, env.rank, env.world_size, resumed.path)
+            if not same_world:
+                log.warning(
+                    "world size changed (%d -> %d): RNG streams and the data order restart from the "
+                    "seeds at this step (samples of the current epoch may repeat)",
+                    len(saved.get("rng", [])),
+                    env.world_size,
+                )
+            apply_optim_config(state.optimizer, state.scheduler, cfg.optim)
+            self.best.load_state_dict(saved.get("best", {}))
+            if "data.val" in resumed.changed:
+                self.best.reset("the validation set (data.val) changed")
+            self.thresholds = saved.get("thresholds", {})
+            log.info("resumed from step %d (%s)", state.step, resumed.path)
+        resume.verify_ranks_agree(state.step, state.digest(), resumed and resumed.path)
+        # Restored before wrapping: DDP broadcasts rank 0's weights, which now equal all.
+        self.model = distributed.wrap_ddp(self.module, self.device, cfg.model.sync_batchnorm)
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
         if cfg.model.compile:
-            self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(model, cfg.optim, device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.criterion = nn.BCEWithLogitsLoss(
-            pos_weight=torch.tensor(self.pos_weight, device=device)
-        )
+            self.model = torch.compile(self.model)  # `ddp` stays apart: it holds no_sync()
         self.transform = DeviceTransform(
             cfg.data.scales,
             cfg.data.window,
@@ -112,171 +148,160 @@ class Trainer:
             cfg.data.augment,
             cfg.model.channels_last,
         )
-        self.augment_rng = torch.Generator(device).manual_seed(
-            cfg.train.seed * 1_000_003 + env.rank
+        self.parts = StepParts(
+            self.model,
+            ddp,
+            state.optimizer,
+            state.scheduler,
+            state.scaler,
+            nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self.pos_weight, device=self.device)),
+            self.transform,
+            lambda: autocast(self.precision, self.device),
+            state.augment_rng,
+            self.device,
+            cfg.train.grad_accum,
+            cfg.optim.grad_clip,
+            self.precision,
         )
-        self.state = RunState(self, env)  # run dir, resume, checkpoints, tracking
-        self.step = self.state.step
-        self.logit_suspect = False
 
-    def guard_static(self, model: nn.Module) -> None:
-        crops = [
-            torch.randn((2, self.cfg.data.channels) + (s,) * self.cfg.data.dims)
-            for s in self.cfg.data.scales
-        ]
-        finding = guard.check_static(model, crops, self.cfg.guard.allow_bounded_head)
-        if finding is not None:
-            log.warning(
-                "guard.allow_bounded_head=true: training a bounded head (%s at %s)",
-                finding.op,
-                finding.where,
-            )
-
-    def batches(self):
-        cfg, env = self.cfg, distributed.env()
-        spec = StreamSpec(
-            self.sources.train,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            env.rank,
-            env.world_size,
-            cfg.data.num_workers,
-            cfg.data.shuffle_blocks,
-            cfg.data.on_error,
-            # Manifest counts let a resume skip whole epochs unread; after skipped records
-            # they overstate the stream, so the resume then counts real samples from epoch 0.
-            None if self.state.data_problems else self.sources.train_counts,
-            consumed=self.step * cfg.train.grad_accum,
-            sample_shape=cfg.data.sample_shape,
-            reader=cfg.data.reader,
+    def fit(self, tracker: Tracker) -> dict[str, Any]:
+        """Train to `train.max_steps` (or a stop request); `tracker` records it all."""
+        cfg, state, self.tracker = self.cfg, self.state, tracker
+        self.logits = LogitCheck(cfg.guard.dynamic, tracker)
+        start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
+        batches = (
+            train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
         )
-        loader = build_loader(
-            TrainStream(spec),
-            cfg.data.num_workers,
-            self.device.type == "cuda",
-            cfg.data.prefetch_factor,
-        )
-        return iter(loader)
-
-    def check_logits(self, logits: torch.Tensor) -> None:
-        """Dynamic guard: suspicious logits on two checks in a row are reported.
-
-        A freshly initialised healthy model often gives one batch of same-signed logits,
-        so the first suspicious batch only arms the check; the next check decides.
-        """
-        message = guard.check_logits(logits.detach())
-        armed, self.logit_suspect = self.logit_suspect, message is not None
-        if message is None:
-            return
-        if not armed:
-            log.info("guard: first suspicious batch at step %d; re-checking later", self.step)
-            return
-        if self.cfg.guard.dynamic == "error":
-            raise guard.BoundedHeadError(message)
-        self.state.tracker.warn(self.step, message, local=True)
-
-    def fit(self) -> dict[str, Any]:
-        cfg, state = self.cfg, self.state
-        accum, ddp = cfg.train.grad_accum, self.ddp
-        amp = autocast(self.precision, self.device)
-        batches = self.batches() if self.step < cfg.train.max_steps else None
-        stop = StopRequest(state.run_dir)
-        window = state.new_window()
-        bad_steps = 0
-        # A skipped step must also undo its forward's BatchNorm statistics: one overflowing
-        # forward would otherwise leave NaN running stats in every later eval and checkpoint.
-        buffers = list(self.model.buffers())
-        buffers_before = [b.detach().clone() for b in buffers]
+        stop = StopRequest(self.run_dir)
+        window, bad_steps = Window(), 0
         self.model.train()
-        while self.step < cfg.train.max_steps:
-            started = time.perf_counter()
-            if buffers:
-                torch._foreach_copy_(buffers_before, buffers)
-            loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
-            for micro in range(accum):
-                waited = time.perf_counter()
-                batch = next(batches)
-                window.wait += time.perf_counter() - waited
-                patch = batch["patch"].to(self.device, non_blocking=True)
-                label = batch["label"].to(self.device, non_blocking=True).float()
-                crops = self.transform(patch, train=True, generator=self.augment_rng)
-                # Only the last micro-step all-reduces gradients.
-                sync = ddp.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with amp:
-                        logits = as_logits(self.model(*crops))
-                    loss = self.criterion(logits.float(), label) / accum
-                    self.scaler.scale(loss).backward()
-                window.add_loss(loss.detach() * accum)
-                loss_bad |= ~torch.isfinite(loss.detach())
-                state.note_bad_records(batch["bad_records"])
-                due = self.step == state.start_step or self.step == state.start_step + 10
-                if micro == 0 and (
-                    due or (cfg.guard.check_every and self.step % cfg.guard.check_every == 0)
-                ):
-                    self.check_logits(logits)
+        while state.step < max_steps:
+            began = time.perf_counter()
+            out = train_step(self.parts, batches)  # forward, backward, clip, optimizer step
+            state.step += 1
+            samples = cfg.train.batch_size * cfg.train.grad_accum
+            window.add(out.loss, out.grad_norm, out.wait_s, time.perf_counter() - began, samples)
+            for worker, count in (pair.tolist() for pair in out.bad_records):
+                self.bad_records[worker] = count
+            if state.step - 1 in (start, start + 10) or (every and (state.step - 1) % every == 0):
+                self.logits.check(out.logits, state.step - 1)
 
-            # scale -> backward (above) -> unscale -> clip -> step -> update -> zero
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), cfg.optim.grad_clip or math.inf
-            )
-            if self.precision == "fp16":
-                # GradScaler skips overflowing gradients and lowers its scale: routine. A
-                # non-finite loss is not, and it must count towards max_bad_steps too.
-                bad_here = bool(loss_bad)
-            else:
-                bad_here = not bool(torch.isfinite(grad_norm))
-            stop_here = stop.local() or self.step + 1 == cfg.train.stop_at_step
-            stop_now, nonfinite = distributed.any_rank(stop_here, bad_here)
-            if nonfinite:
-                bad_steps += 1
-                with torch.no_grad():  # NaN BatchNorm statistics would poison every eval
-                    torch._foreach_copy_(buffers, buffers_before)
-                state.tracker.warn(
-                    self.step,
-                    f"non-finite loss/gradient at step {self.step + 1}; step skipped ({bad_steps} in a row)",
+            bad_steps = 0 if out.finite else bad_steps + 1
+            if not out.finite:
+                tracker.warn(
+                    state.step - 1,
+                    f"non-finite loss/gradient at step {state.step}; "
+                    f"step skipped ({bad_steps} in a row)",
                 )
-            else:
-                bad_steps = 0
-            if not nonfinite or self.precision == "fp16":
-                # Skip for fp32/bf16: AdamW's moments must not see inf/nan. fp16: GradScaler
-                # sees the inf/nan gradients and skips the step itself.
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            window.end_step(time.perf_counter() - started, grad_norm, cfg.train.batch_size * accum)
-
             if bad_steps >= cfg.train.max_bad_steps:
-                state.save_checkpoint()
+                self.save(improved=False)
                 raise TrainingDiverged(
-                    f"{bad_steps} consecutive non-finite steps; last good step {self.step - bad_steps}, "
-                    f"lr {self.scheduler.get_last_lr()[0]:.3g}, loss scale {self.scaler.get_scale():.3g}; "
+                    f"{bad_steps} consecutive non-finite steps; last good step {state.step - bad_steps}, "
+                    f"lr {state.scheduler.get_last_lr()[0]:.3g}, loss scale {state.scaler.get_scale():.3g}; "
                     f"lower optim.lr or use train.precision=fp32"
                 )
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                window = state.log_window(window)
-            evaluated = False
+
+            # Stop requests (signal, STOP file) are agreed with the log, one small
+            # all-reduce every log_every steps: all ranks stop at the same step.
+            stop_now = state.step == cfg.train.stop_at_step
+            if state.step % cfg.train.log_every == 0 or state.step == max_steps:
+                stop_now = distributed.any_rank(stop.local())[0] or stop_now
+                tracker.log_train(state.step, self.train_metrics(window))
+                window = Window()
             paused = time.perf_counter()
+            improved = False
             if (
-                cfg.train.eval_every and self.step % cfg.train.eval_every == 0
-            ) or self.step == cfg.train.max_steps:
-                state.evaluate()
-                evaluated = True
+                cfg.train.eval_every and state.step % cfg.train.eval_every == 0
+            ) or state.step == max_steps:
+                improved = self.evaluate()
             if stop_now:
-                state.save_checkpoint()
+                self.save(improved)
                 stop.consume()
-                return state.finish(stopped=True)
-            if (
-                self.step % cfg.checkpoint.every_steps == 0
-                or self.step == cfg.train.max_steps
-                or evaluated
-                and state.improved
-            ):
-                state.save_checkpoint()
+                return self.finish(stopped=True)
+            if state.step % cfg.checkpoint.every_steps == 0 or state.step == max_steps or improved:
+                self.save(improved)
             # Validation and checkpoints are not training: keep them out of samples/s.
             window.started += time.perf_counter() - paused
         stop.consume_stale()
-        return state.finish(stopped=False)
+        return self.finish(stopped=False)
+
+    def train_metrics(self, window: Window) -> dict[str, float]:
+        values = window.values(sum(self.bad_records.values()))
+        values["train/lr"] = self.state.scheduler.get_last_lr()[0]
+        counts = self.sources.train_counts
+        seen = self.state.step * self.contract["global_batch"]
+        values["train/epoch"] = seen / sum(counts) if counts else float("nan")
+        if self.device.type == "cuda":
+            values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.precision == "fp16":
+            values["train/loss_scale"] = self.state.scaler.get_scale()
+        return values
+
+    def evaluate(self) -> bool:
+        """Validate; rank 0 records it. Returns (on every rank) whether best improved."""
+        if not self.sources.val:
+            return False
+        result = validate(
+            self.module,
+            self.sources.val,
+            self.cfg,
+            self.transform,
+            self.device,
+            self.precision,
+            self.pos_weight,
+        )
+        improved = False
+        if result is not None:
+            self.thresholds = record_eval(self.run_dir, self.state.step, result, self.tracker)
+            self.last_metrics = result.metrics
+            improved = self.best.update(result.metrics, self.state.step)
+        # Every rank must agree on whether best.pt is due: it decides a collective save.
+        return distributed.broadcast_object(improved)
+
+    def save(self, improved: bool) -> None:
+        """All ranks call this: each contributes its RNG state, rank 0 writes."""
+        state = self.state
+        gathered = distributed.gather_objects((state.local_rng(), sum(self.bad_records.values())))
+        state.data_problems = state.data_problems or any(bad for _, bad in gathered)
+        if distributed.is_main():
+            checkpoint = state.state_dict([rng for rng, _ in gathered])
+            checkpoint.update(
+                config=to_dict(self.cfg),
+                contract=self.contract,
+                best=self.best.state_dict(),
+                thresholds=self.thresholds,
+                pos_weight=self.pos_weight,
+            )
+            self.checkpoints.save(checkpoint, best=improved)
+            self.tracker.checkpoint_saved(
+                state.step,
+                self.checkpoints.dir,
+                improved,
+                final=state.step >= self.cfg.train.max_steps,
+                metrics=self.last_metrics,
+            )
+        distributed.barrier()
+
+    def finish(self, stopped: bool) -> dict[str, Any]:
+        # Proof that no rank ran ahead or fell behind (uneven shards must not matter).
+        step = self.state.step
+        steps = distributed.gather_objects(step)
+        self.tracker.event("end", step, {"stopped": stopped, "steps_per_rank": steps})
+        self.tracker.close()
+        best = self.best.state_dict()
+        if distributed.is_main():
+            value = "n/a" if best["value"] is None else f"{best['value']:.4f}"
+            print(
+                f"{'stopped' if stopped else 'done'} at step {step}: best val {best['metric']} "
+                f"{value} (step {best['step']}) | outputs in {self.run_dir} "
+                f"(config.yaml, metrics.jsonl, checkpoints/, eval/)",
+                flush=True,
+            )
+        return {
+            "step": step,
+            "steps_per_rank": steps,
+            "stopped": stopped,
+            "run_dir": str(self.run_dir),
+            "best": best,
+            "metrics": self.last_metrics,
+        }

@@ -2,19 +2,23 @@
 
 Each variant is the training step built from the project's own pieces (`build_model`,
 `DeviceTransform`, `build_optimizer`/`build_scheduler`, `TrainStream` + `build_loader`,
-`autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping exactly as
-`Trainer.fit` does. Variants take turns in rounds of `--window` steps (default, compute,
-other precision, ..., default, ...), so a load swing on a shared machine hits them alike;
-rates are medians over rounds. `compute_only` repeats one real batch from memory: the
-upper bound the loader is measured against. `data_wait_fraction` is time blocked in
-`next(batches)` over step time. Before each measured window a variant with a real loader
-runs burn-in steps that drain what its workers prefetched while others ran. torch.compile
-runs in a child process (time-boxed), eager and compiled taking turns the same way.
-Under `torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). The last
-printed line is one JSON object with `loader_vs_compute` (default 2D config, precision
-auto: bf16 on CUDA, fp32 on CPU) and `data_wait_fraction`.
+`autocast`, GradScaler, BCEWithLogitsLoss, `wrap_ddp`), stepping with the real
+`pipeline.step.train_step` that `Trainer.fit` calls. Variants take turns in rounds of
+`--window` steps (default, compute, other precision, ..., default, ...), so a load swing
+on a shared machine hits them alike; rates are medians over rounds. `compute_only`
+repeats one real batch from memory: the upper bound the loader is measured against.
+`data_wait_fraction` is time blocked in `next(batches)` over step time. Before each
+measured window a variant with a real loader runs burn-in steps (prefetch_factor x
+workers + 1) that drain what its workers prefetched while others ran, so the windows
+(default 8 steps) see the steady state. The method checks itself: `slow_loader_planted`
+is the real loader made 5x slower than a compute-only step inside its worker; its
+data-wait must be >= 0.5, or the script prints an error and exits 1. torch.compile runs
+in a child process (time-boxed), eager and compiled taking turns the same way. Under
+`torchrun --nproc_per_node=1` every model is DDP-wrapped (NCCL on a GPU). The last printed
+line is one JSON object with `loader_vs_compute` (default 2D config, precision auto: bf16
+on CUDA, fp32 on CPU), `data_wait_fraction` and `slow_loader_data_wait`.
 
-    python scripts/bench_train.py --dims 2           # ~3 min on 2 CPU cores (3D: ~30 min)
+    python scripts/bench_train.py --dims 2           # minutes on 2 CPU cores (3D: longer)
     python scripts/bench_train.py --dims 2 --quick   # seconds: smoke test
     torchrun --standalone --nproc_per_node=1 scripts/bench_train.py --device cuda --ddp
 """
@@ -47,13 +51,28 @@ from pipeline import config, distributed  # noqa: E402
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader  # noqa: E402
 from pipeline.data.transforms import DeviceTransform  # noqa: E402
 from pipeline.host_memory import keep_freed_memory  # noqa: E402
-from pipeline.model import as_logits, build_model  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
 from pipeline.optim import build_optimizer, build_scheduler  # noqa: E402
 from pipeline.runtime import autocast, resolve_precision  # noqa: E402
+from pipeline.step import StepParts, train_step  # noqa: E402
 
 TARGET_CPU = 0.9
 DATA = {2: {"train": 16384, "val": 64, "shards": 16}, 3: {"train": 2048, "val": 64, "shards": 16}}
 CONFIGS = {2: ROOT / "configs" / "default.yaml", 3: ROOT / "configs" / "volume3d.yaml"}
+
+
+class SlowStream(TrainStream):
+    """The real training stream, `delay` seconds slower per batch inside the worker: the
+    planted slow loader whose data-wait the benchmark must see (or it fails)."""
+
+    def __init__(self, spec: StreamSpec, delay: float) -> None:
+        super().__init__(spec)
+        self.delay = delay
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
 
 
 class Variant:
@@ -77,6 +96,7 @@ class Variant:
         fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
         model = model.to(device, memory_format=fmt if channels_last else torch.preserve_format)
         self.model = distributed.wrap_ddp(model, device, False)
+        ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
         if how.get("compile"):
             self.model = torch.compile(self.model)
         self.optimizer = build_optimizer(model, cfg.optim, device)
@@ -99,39 +119,37 @@ class Variant:
             data.shuffle_blocks,
         )
         pin = device.type == "cuda"
-        self.loader = iter(
-            build_loader(TrainStream(spec), data.num_workers, pin, data.prefetch_factor)
-        )
+        slow = how.get("slow_s")
+        stream = SlowStream(spec, slow) if slow else TrainStream(spec)
+        self.loader = iter(build_loader(stream, data.num_workers, pin, data.prefetch_factor))
         if self.in_memory:
             # The loader stays alive (its workers idle once prefetched): both kinds of
             # variant run the same processes and differ only in where batches come from.
             self.batches = itertools.repeat(next(self.loader))
         else:
             self.batches = self.loader
+        self.parts = StepParts(
+            self.model,
+            ddp,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.criterion,
+            self.transform,
+            lambda: autocast(self.precision, device),
+            self.generator,
+            device,
+            grad_accum=1,
+            grad_clip=1.0,
+            precision=self.precision,
+        )
         self.rates: list[float] = []
         self.waits: list[float] = []
         self.first_steps_s = 0.0
 
     def step(self) -> float:
-        """One optimizer step, as in Trainer.fit; returns seconds blocked on the loader."""
-        waited = time.perf_counter()
-        batch = next(self.batches)
-        wait = time.perf_counter() - waited
-        patch = batch["patch"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True).float()
-        crops = self.transform(patch, train=True, generator=self.generator)
-        with autocast(self.precision, self.device):
-            logits = as_logits(self.model(*crops))
-        loss = self.criterion(logits.float(), label)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        bool(torch.isfinite(grad_norm))  # the loop's one host sync per step
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return wait
+        """One optimizer step: the real `train_step`; returns seconds blocked on the loader."""
+        return train_step(self.parts, self.batches).wait_s
 
     def window(self, steps: int, burn_in: int) -> None:
         for _ in range(0 if self.in_memory else burn_in):
@@ -184,12 +202,27 @@ def interleave(variants: list[Variant], args: argparse.Namespace, device: torch.
         for variant in live:
             burn_in = args.burn_in
             if burn_in < 0:  # drain what the workers prefetched while the others ran
-                workers = max(variant.cfg.data.num_workers, 1)
-                burn_in = variant.cfg.data.prefetch_factor * workers if device.type == "cuda" else 1
+                # (with no workers nothing is prefetched: batches are made on demand)
+                workers = variant.cfg.data.num_workers
+                burn_in = variant.cfg.data.prefetch_factor * workers + 1 if workers else 0
             variant.window(args.window, burn_in)
     results = {v.name: v.result() for v in live}
     results.update(notes)
     return results
+
+
+SLOW, SLOW_FACTOR, SLOW_MIN_WAIT = "slow_loader_planted", 5.0, 0.5
+
+
+def compute_step_s(variant: Variant, steps: int = 3) -> float:
+    """Seconds per step from memory (after a warm-up step): the planted delay's unit."""
+    variant.step()
+    sync(variant.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        variant.step()
+    sync(variant.device)
+    return (time.perf_counter() - started) / steps
 
 
 def load_cfg(dims: int, data: Path, device: str, extra: list[str]) -> Any:
@@ -298,7 +331,11 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.de
     variants = [
         Variant(name, cfg, device, shards, **how) for name, how in variant_plan(device, args.quick)
     ]
+    # The method's own check: a loader planted 5x slower than the step must show.
+    step_s = compute_step_s(variants[1])
+    variants.append(Variant(SLOW, cfg, device, shards, slow_s=SLOW_FACTOR * step_s))
     results = interleave(variants, args, device)
+    results[SLOW]["planted_delay_s"] = round(SLOW_FACTOR * step_s, 4)
     del variants  # stop their loader workers before the compile child starts
     if not args.quick and not args.no_compile:
         spec = {
@@ -351,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", choices=("2", "3", "both"), default="both")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--window", type=int, default=3, help="measured steps per turn")
+    parser.add_argument("--window", type=int, default=8, help="measured steps per turn")
     parser.add_argument("--rounds", type=int, default=3, help="turns per variant")
     parser.add_argument("--burn-in", type=int, default=-1, help="steps before each turn (-1: auto)")
     parser.add_argument("--max-step-s", type=float, default=60, help="drop slower variants")
@@ -381,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_compile(json.loads(args.compile_spec))))
             return 0
         if args.quick:
-            args.window, args.rounds = 1, 2
+            args.window, args.rounds = 2, 2
         dims_list = [2, 3] if args.dims == "both" else [int(args.dims)]
         with tempfile.TemporaryDirectory() as tmp:
             per_dims = {f"{d}d": bench_dims(d, Path(tmp), args, device) for d in dims_list}
@@ -405,7 +442,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     if result["loader_vs_compute"] is not None:
         result["meets_target"] = result["loader_vs_compute"] >= TARGET_CPU
+    seen = {d: r["variants"].get(SLOW, {}).get("data_wait_fraction") for d, r in per_dims.items()}
+    result["slow_loader_data_wait"] = seen
+    result["method_sees_slow_loader"] = all(
+        w is not None and w >= SLOW_MIN_WAIT for w in seen.values()
+    )
     print(json.dumps(result))
+    if not result["method_sees_slow_loader"]:
+        print(
+            f"bench_train: error: the planted slow loader ({SLOW_FACTOR:g}x the step) shows "
+            f"data-wait {seen}, below {SLOW_MIN_WAIT}: this measurement cannot see a slow loader",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -2,8 +2,9 @@
 
 `tests/test_ddp_equivalence.py` runs this file under torchrun (2 gloo ranks, each taking
 rows [r*B:(r+1)*B] of every fixed 2B batch) and imports it to run the same steps in one
-process on whole 2B batches. The step mirrors `Trainer.fit`: BCEWithLogits(pos_weight),
-loss / accum, `no_sync` on all but the last micro-step, unscale -> clip -> step -> update.
+process on whole 2B batches. Each step is the real `pipeline.step.train_step` (the one
+`Trainer.fit` calls): BCEWithLogits(pos_weight), loss / accum, `no_sync` on all but the
+last micro-step, unscale -> clip -> step -> update.
 
     torchrun --nproc_per_node=2 tests/ddp_worker.py OUT_DIR
 """
@@ -11,7 +12,6 @@ loss / accum, `no_sync` on all but the last micro-step, unscale -> clip -> step 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from pipeline.config import OptimConfig
 from pipeline.data.transforms import DeviceTransform
 from pipeline.model import build_model
 from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.step import StepParts, train_step
 
 B = 8  # per-rank batch; the single process takes 2B
 STEPS = 4
@@ -63,25 +64,25 @@ def train(rows: slice, accum: int) -> dict[str, dict]:
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     # BatchNorm statistics would differ per rank (SyncBN is CUDA-only): freeze them.
     model.eval()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    criterion = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT))
-    transform = DeviceTransform(list(SCALES), [0.0, 255.0], 0.0, 1.0, False, True)
+    parts = StepParts(
+        model,
+        model if ddp else None,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler("cpu", enabled=False),
+        nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT)),
+        DeviceTransform(list(SCALES), [0.0, 255.0], 0.0, 1.0, False, True),
+        contextlib.nullcontext,
+        None,
+        torch.device("cpu"),
+        grad_accum=accum,
+        grad_clip=OPTIM.grad_clip,
+    )
     norms = []
     for patch, label in fixed_batches():
-        patch, label = patch[rows], label[rows].float()
-        for micro, (p, y) in enumerate(zip(patch.chunk(accum), label.chunk(accum), strict=True)):
-            sync = model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                loss = criterion(model(*transform(p, train=False)), y) / accum
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norms.append(
-            float(nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip or math.inf))
-        )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        micro = zip(patch[rows].chunk(accum), label[rows].chunk(accum), strict=True)
+        out = train_step(parts, iter([{"patch": p, "label": y} for p, y in micro]))
+        norms.append(float(out.grad_norm))
     return {
         "model": {k: v.detach().clone() for k, v in raw.state_dict().items()},
         "optimizer": optimizer.state_dict(),

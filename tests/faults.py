@@ -2,7 +2,8 @@
 
 - `FaultyNet` (`model.target=tests.faults:FaultyNet`): a small XceptionLike that, at the
   `at`-th training forward of this process on rank `rank`, returns NaN from then on, kills
-  its own process with SIGKILL, raises, or hangs. With `first_attempt_only` it behaves
+  its own process with SIGKILL, raises, hangs, raises a (planted) out-of-memory
+  RuntimeError, or turns bounded (ReLU on the logit, which the dynamic guard catches). With `first_attempt_only` it behaves
   after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0), so a restart can finish.
 - `python -m tests.faults --slow-save S -- train ...`: the real CLI, but a checkpoint save
   that would replace an existing `last.pt` sleeps S seconds between writing the temp file
@@ -24,7 +25,7 @@ from torch import nn
 
 from pipeline.model import XceptionLike
 
-FAULTS = ("none", "nan", "kill", "raise", "hang")
+FAULTS = ("none", "nan", "kill", "raise", "hang", "oom", "bounded")
 
 
 class FaultyNet(nn.Module):
@@ -51,7 +52,9 @@ class FaultyNet(nn.Module):
         self.calls = 0
 
     def armed(self) -> bool:
-        if int(os.environ.get("RANK", "0")) != self.rank:
+        from pipeline.distributed import detect_env
+
+        if detect_env().rank != self.rank:  # torchrun's RANK or srun's SLURM_PROCID
             return False
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         return not (self.first_attempt_only and restarts > 0)
@@ -66,10 +69,17 @@ class FaultyNet(nn.Module):
             return out
         if self.fault == "nan":
             return out * float("nan")
+        if self.fault == "bounded":
+            return torch.relu(out)
         if self.calls > self.at:
             return out
         if self.fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault == "oom":
+            raise RuntimeError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (planted by tests.faults "
+                f"on rank {self.rank} at training step {self.at})"
+            )
         if self.fault == "raise":
             raise RuntimeError(f"injected fault on rank {self.rank} at training step {self.at}")
         # "hang": a rank that stops answering its peers. It does die on torchrun's SIGTERM,

@@ -90,6 +90,15 @@ CASES: dict[str, tuple] = {
         ["export", "--checkpoint", "{tmp}/gone.pt", "--format", "onnx", "--out", "{tmp}"],
         ["--out {tmp}", "is a directory"],
     ),
+    # -- engineer A (run state): best-checkpoint metric and its direction ---------------
+    "checkpoint.metric typo": (
+        ["train", "checkpoint.metric=aucroc"],
+        ["checkpoint.metric", "unknown metric 'aucroc'", "auroc", "loss"],
+    ),
+    "checkpoint.mode not max or min": (
+        ["train", "checkpoint.mode=up"],
+        ["checkpoint.mode", "auto|max|min", "'up'"],
+    ),
 }
 
 # -- engineer B's rows (issue 14 §3, §6, §7): shards vs config, checkpoints vs overrides,

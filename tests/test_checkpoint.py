@@ -16,6 +16,7 @@ import torch
 from pipeline import checkpoint
 from tests.conftest import ROOT, cli_env, run_cli, train_args
 from tests.faults import small_shards
+from tests.reliability import record
 
 
 def _args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -146,10 +147,13 @@ def test_resume_from_a_truncated_path_is_a_one_line_error_naming_it(resumed, sha
 def test_checkpoint_of_another_model_width_is_refused_naming_the_file(resumed, shards, tmp_path):
     source, _, _ = resumed
     other = source / "checkpoints" / "step-00000015.pt"
-    result = run_cli(
-        _args(shards, tmp_path / "run", f"checkpoint.resume={other}", "model.width=8"),
-        cli_env(tmp_path),
+    # Accepted past the resume contract (which refuses it first): the weights do not fit.
+    extra = (
+        f"checkpoint.resume={other}",
+        "model.width=8",
+        "checkpoint.accept_changes=[model.width]",
     )
+    result = run_cli(_args(shards, tmp_path / "run", *extra), cli_env(tmp_path))
     line = _one_line_error(result)
     assert f"checkpoint {other}: model does not fit" in line
     assert "size mismatch" in line
@@ -160,3 +164,47 @@ def test_run_dir_of_another_channel_count_is_refused_naming_last_pt(resumed, sha
     result = run_cli(_args(shards, source, "data.channels=3"), cli_env(tmp_path))
     line = _one_line_error(result)
     assert f"checkpoint {source}/checkpoints/last.pt: data.channels=1 does not match" in line
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(
+    shards, small_disk, tmp_path
+):
+    run_dir = small_disk / "run"
+    args = ("checkpoint.keep_last=0", "train.eval_every=0", "checkpoint.every_steps=3")
+    first = run_cli(_args(shards, run_dir, *args, "train.max_steps=3"), cli_env(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    # Leave room for the log lines and eval files, not for a ~190 KB checkpoint.
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))
+    started = time.monotonic()
+    result = run_cli(_args(shards, run_dir, *args, "train.max_steps=6"), cli_env(tmp_path))
+    seconds = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if "error:" in line] == [lines[-1]], lines
+    assert lines[-1].startswith(
+        f"pipeline train: error: no space left on device writing checkpoint {last} ("
+    )
+    assert "MiB free in" in lines[-1]
+    assert last.read_bytes() == good and checkpoint.load(last)["step"] == 3
+    assert not list((run_dir / "checkpoints").glob(".*.tmp-*"))  # no temp file left
+    record("disk full while checkpointing", exit_code=1, seconds=seconds, lines=1,
+           checkpoint_ok=True, launcher="cli")  # fmt: skip
