@@ -112,6 +112,8 @@ class Trainer:
             cfg.train.seed * 1_000_003 + env.rank
         )
         self.state = RunState(self, env)  # run dir, resume, checkpoints, tracking
+        if self.range_warning:
+            self.state.tracker.warn(self.state.step, self.range_warning)
         self.step = self.state.step
         self.logit_suspect = False
 
@@ -127,6 +129,11 @@ class Trainer:
                 finding.op,
                 finding.where,
             )
+        # The dynamic range probe, from step 0: also catches what the static walk cannot name.
+        message = guard.check_range(model, crops)
+        if message and self.cfg.guard.dynamic == "error":
+            raise guard.BoundedHeadError(message)
+        self.range_warning = message  # warned once the tracker exists
 
     def batches(self):
         cfg, env = self.cfg, distributed.env()
