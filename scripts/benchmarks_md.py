@@ -58,7 +58,7 @@ def machine_line(shared: bool = True) -> str:
         versions = f"torch {torch.__version__}"
     except ImportError:
         gpu, versions = "no GPU", "no torch"
-    load = ", shared with other work (load {:.1f})".format(os.getloadavg()[0]) if shared else ""
+    load = f", shared with other work (load {os.getloadavg()[0]:.1f})" if shared else ""
     return (
         f"{os.cpu_count()}-core {cpu}, {gpu}, {versions}, python {platform.python_version()}{load}"
     )

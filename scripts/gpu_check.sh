@@ -14,8 +14,12 @@
 #     -d .whl webdataset==1.0.2 braceexpand==0.1.7 omegaconf==2.4.0
 # (all three are pure-Python wheels; wandb is not needed: the runs use wandb.mode=disabled)
 #
-# Files in $OUT (8 at most come back): env.txt, cuda_tests.txt, bench_loader.json,
-# bench_train.json, bench_scaling.json, bench.log, summary.json.
+# Files in $OUT (8 at most come back): env.txt, cuda_tests.txt, cuda_tests.xml,
+# bench_loader.json, bench_train.json, bench_scaling.json, bench.log, summary.json.
+# The last line on stdout is summary.json: one JSON object with the CUDA tests passed,
+# failed and skipped (any skip or failure fails the script: a skipped CUDA test proves
+# nothing), the sync-debug test's outcome, bf16 vs fp32 on 3D, data-wait, and `ok`.
+# Without CUDA it exits non-zero with `"ok": false` and the reasons in `problems`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
@@ -43,11 +47,14 @@ status=0
 } >"$OUT/env.txt" 2>&1 || status=1
 
 # 1. CUDA tests (autocast, the BCELoss rule, channels_last, a real `pipeline train` on cuda)
-timeout 120 "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py >"$OUT/cuda_tests.txt" 2>&1 || status=1
+#    Counted from the JUnit XML below: pytest exits 0 when every test skips.
+timeout 120 "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml="$OUT/cuda_tests.xml" \
+    >"$OUT/cuda_tests.txt" 2>&1 || status=1
 
 # 2. Loader: same readers as on CPU, N = the loader workers used for training below.
 timeout 100 "$PY" scripts/bench_loader.py --dims both --workers "$WORKERS" --seconds 0.3 \
-    --rounds 3 $QUICK >"$OUT/bench_loader.out" 2>>"$OUT/bench.log" || status=1
+    --rounds 3 --md /tmp/gpu-check-BENCHMARKS.md $QUICK >"$OUT/bench_loader.out" \
+    2>>"$OUT/bench.log" || status=1
 tail -n 1 "$OUT/bench_loader.out" >"$OUT/bench_loader.json"
 grep -v '^{' "$OUT/bench_loader.out" >>"$OUT/bench.log"; rm -f "$OUT/bench_loader.out"
 
@@ -64,24 +71,5 @@ if [ -f scripts/bench_scaling.py ]; then
         >"$OUT/bench_scaling.json" 2>>"$OUT/bench.log" || status=1
 fi
 
-"$PY" - "$OUT" <<'EOF' || status=1
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-def last(name):
-    try:
-        return json.loads((out / name).read_text().strip().splitlines()[-1])
-    except Exception as exc:  # a failed step leaves its file empty; say so
-        return {"error": f"{name}: {exc}"}
-loader, train = last("bench_loader.json"), last("bench_train.json")
-summary = {
-    "loader": {k: loader.get(k) for k in ("speedup_vs_per_sample", "fraction_of_raw_read", "samples_per_s", "meets_goals", "error")},
-    "train": {k: train.get(k) for k in ("loader_vs_compute", "data_wait_fraction", "error")},
-    "bf16_vs_fp32_3d": train.get("per_dims", {}).get("3d", {}).get("bf16_vs_fp32"),
-    "gpu": train.get("machine", {}).get("gpu"),
-    "cuda_tests": (out / "cuda_tests.txt").read_text().strip().splitlines()[-1:],
-}
-(out / "summary.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps(summary, indent=1))
-EOF
-exit $status
+"$PY" scripts/gpu_summary.py "$OUT" "$status"
+exit $?
