@@ -125,11 +125,22 @@ def write_data(root: Path, dims: int, n: int, dtype: str, blocks: tuple[int, ...
 
 
 def project_stream(
-    shards: list[str], batch: int, shuffle_blocks: int, workers: int = 0, reader: str = "fast"
+    shards: list[str],
+    batch: int,
+    shuffle_blocks: int,
+    workers: int = 0,
+    reader: str = "fast",
+    handover: str = "shared",
 ):
     """The training stream exactly as `Trainer.batches` builds it (`data.reader` = reader)."""
     spec = StreamSpec(
-        shards, batch, seed=0, num_workers=workers, shuffle_blocks=shuffle_blocks, reader=reader
+        shards,
+        batch,
+        seed=0,
+        num_workers=workers,
+        shuffle_blocks=shuffle_blocks,
+        reader=reader,
+        handover=handover,
     )
     if workers == 0:
         return iter(TrainStream(spec))
@@ -441,18 +452,27 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
 
     # Delivered to the trainer through DataLoader workers, shipping included: both readers,
     # 1 and N workers, in interleaved rounds (a fresh loader each round, start-up excluded).
-    variants = [(reader, w) for reader in ("fast", "webdataset") for w in sorted({1, n_workers})]
-    runs: dict[str, list[float]] = {f"{r}_{w}w": [] for r, w in variants}
+    # `copy` = the previous hand-over (pickled by value, or a fresh shm segment per tensor).
+    variants = [
+        (reader, w, hand)
+        for reader in ("fast", "webdataset")
+        for w in sorted({1, n_workers})
+        for hand in ("shared", "copy")
+        if hand == "shared" or reader == "fast"
+    ]
+    names = {v: f"{v[0]}_{v[1]}w" + ("_copy" if v[2] == "copy" else "") for v in variants}
+    runs: dict[str, list[float]] = {name: [] for name in names.values()}
     for _ in range(max(1, args.rounds // 2)):
-        for reader, workers in variants:
-            batches = project_stream(data["block"][k], batch, args.shuffle_blocks, workers, reader)
-            runs[f"{reader}_{workers}w"].append(
-                through_loader(batches, args.seconds)["samples_per_s"]
+        for variant in variants:
+            reader, workers, hand = variant
+            batches = project_stream(
+                data["block"][k], batch, args.shuffle_blocks, workers, reader, hand
             )
+            runs[names[variant]].append(through_loader(batches, args.seconds)["samples_per_s"])
     delivered = {}
-    for (reader, workers), (name, values) in zip(variants, runs.items(), strict=True):
-        rate = statistics.median(values)
-        record(f"delivered_{reader}", {"samples_per_s": rate}, workers=workers, k=k)
+    for (reader, workers, hand), name in names.items():
+        rate = statistics.median(runs[name])
+        record(f"delivered_{reader}_{hand}", {"samples_per_s": rate}, workers=workers, k=k)
         delivered[name] = rate
     per_sample_loader = per_sample_stream(data["per_sample"], batch, 1, args.sample_shuffle)
     row = record("per_sample", through_loader(per_sample_loader, args.seconds), workers=1, k=1)
@@ -472,6 +492,7 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
         # Reader gain: our tar reader vs webdataset's on the same block records.
         "reader_gain_in_process": headline["project"] / headline["project_webdataset"],
         "reader_gain_delivered_1w": delivered["fast_1w"] / delivered["webdataset_1w"],
+        "shared_vs_copy_1w": delivered["fast_1w"] / delivered["fast_1w_copy"],
         "k": k,
         "batch": batch,
         "sample_bytes": sample_bytes,
@@ -481,6 +502,16 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, rows: list[dict]
         "memory": memory,
         "samples": plan["samples"],
     }
+
+
+def delivered_label(key: str) -> str:
+    """'fast_2w_copy' -> 'fast reader, 2 workers, copy hand-over'."""
+    if key.startswith("per_sample"):
+        return "one-sample-per-record WebDataset, 1 worker"
+    reader, workers, *copy = key.split("_")
+    n = int(workers.rstrip("w"))
+    hand = "copy (by value / fresh shm per batch)" if copy else "shared-memory ring"
+    return f"{reader} reader, {n} worker{'s' if n > 1 else ''}, {hand} hand-over"
 
 
 def write_markdown(per_dims: dict, args: argparse.Namespace, command: str) -> None:
@@ -494,7 +525,7 @@ def write_markdown(per_dims: dict, args: argparse.Namespace, command: str) -> No
             ("in-process: `data.reader=webdataset`", r["samples_per_s"]["project_webdataset"]),
             ("in-process: one-sample-per-record WebDataset", r["samples_per_s"]["per_sample"]),
         ] + [
-            (f"**delivered to the trainer**: {key.replace('_', ', ')}", value)
+            (f"**delivered to the trainer**: {delivered_label(key)}", value)
             for key, value in r["delivered"].items()
         ]
         body = [
@@ -514,6 +545,7 @@ def write_markdown(per_dims: dict, args: argparse.Namespace, command: str) -> No
                         r["reader_gain_in_process"],
                     ],
                     ["reader gain delivered, 1 worker", r["reader_gain_delivered_1w"]],
+                    ["shared-memory hand-over / copy hand-over, 1 worker", r["shared_vs_copy_1w"]],
                     [
                         "**delivered / in-process read, 1 worker** (goal >= 0.5)",
                         r["delivered_vs_in_process"],
