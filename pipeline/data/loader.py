@@ -141,11 +141,11 @@ def _as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
 class _Shipped:
     """A worker's batch that crosses to the trainer pickled by value, arriving as tensors.
 
-    Tensors sent from a DataLoader worker each get a fresh shared-memory segment whose file
-    descriptor travels over a socket, per tensor and per batch: for batches under about
-    1 MiB (2D) that fixed cost was 4x the cost of pickling the bytes through the result
-    pipe on a 2-core VM; above a few MiB (3D) shared memory wins. Unpickling rebuilds the
-    plain dict.
+    The fallback when the shared-memory ring (`handover.py`) is off or full. Tensors sent
+    from a DataLoader worker each get a fresh shared-memory segment whose file descriptor
+    travels over a socket, per tensor and per batch: for small (2D) batches that fixed cost
+    was higher than pickling the bytes through the result pipe; for big (3D) ones shared
+    memory wins. Unpickling rebuilds the plain dict.
     """
 
     def __init__(self, batch: dict[str, Any]) -> None:
