@@ -340,7 +340,8 @@ class GuardConfig:
     allow_bounded_head: bool = False
     """Expert override: train even if the output passes through ReLU/sigmoid/... (warns)."""
     dynamic: str = "warn"
-    """On suspicious logits (all >= 0, or all in [0, 1]): warn | error."""
+    """On a bounded head seen at run time (the range probe at train start, or a batch whose
+    logits pile up exactly at a bound): warn | error."""
     check_every: int = 100
     """Re-check the logits of a training batch every N steps (0 = only the first batch)."""
 
