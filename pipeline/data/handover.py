@@ -36,6 +36,14 @@ MAX_SLOTS = 32
 _PREFIX = "pipeline-batch"
 
 
+def make_ring() -> Ring | None:
+    """A worker's ring, or None where POSIX shared memory is unavailable (by value then)."""
+    try:
+        return Ring()
+    except OSError:
+        return None
+
+
 def prepare_trainer() -> None:
     """Start the resource tracker in the trainer, so forked workers share it (call first)."""
     resource_tracker.ensure_running()
@@ -44,8 +52,13 @@ def prepare_trainer() -> None:
 def _create(name: str, size: int) -> mmap.mmap:
     fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        # Reserve the pages now: a full /dev/shm (64 MB in a default Docker container) is
+        # then an OSError here, and the batch goes by value, instead of a SIGBUS mid-gather.
+        os.posix_fallocate(fd, 0, size)
         memory = mmap.mmap(fd, size)
+    except OSError:
+        os.unlink(f"/dev/shm/{name}")
+        raise
     finally:
         os.close(fd)
     resource_tracker.register(f"/{name}", "shared_memory")
@@ -79,7 +92,10 @@ class Ring:
                 return None
             slot = len(self.slots)
             name = f"{self.tag}-{slot}"
-            self.slots.append((name, _create(name, need)))
+            try:
+                self.slots.append((name, _create(name, need)))
+            except OSError:
+                return None  # /dev/shm full: this batch goes by value
             self.names.append(name)
         name, memory = self.slots[slot]
         self.held[slot] = 1  # cleared by the trainer once the batch is garbage

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
-from pipeline.data.handover import InShared, Ring, prepare_trainer
+from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
 from pipeline.data.problems import ProblemLog
 from pipeline.data.tar_records import Placer, tar_records, webdataset_records
 from pipeline.errors import DataError
@@ -286,7 +286,7 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     read_out: list[np.ndarray | None] = []  # memories of chunks fully dealt into batches
     empty_epochs = 0
     in_worker = get_worker_info() is not None
-    ring = Ring() if in_worker and spec.handover == "shared" else None
+    ring = make_ring() if in_worker and spec.handover == "shared" else None
     while True:
         got_any = False
         for patch, label, order, memory in _own_epoch(spec, epoch, worker, workers, arena):
