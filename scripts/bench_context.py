@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             ["steps (batch 64)", "16 crop only", "16 + 32 + 48"],
             [[r["steps"], r["auroc_16_only"], r["auroc_three_scales"]] for r in rows],
         ),
-        command="python scripts/bench_context.py " + " ".join(argv or sys.argv[1:]),
+        command=("python scripts/bench_context.py " + " ".join(argv or sys.argv[1:])).strip(),
         machine=machine_line(shared=True),
         notes="4,000 training and 1,000 validation candidates (seed 2024), the small CNN "
         "of tests/test_synthetic.py, seed 0. AUROC does not depend on the machine's speed.",
