@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine: CUDA tests, then both benchmarks (and the
 # scaling benchmark) with NCCL/DDP on one GPU; results land in $OUT (./gpu-results when
-# OUT is unset). Hard caps add up to 9.5 minutes, about 6 expected on an H100/H200: run it
+# OUT is unset). Hard caps add up to 10 minutes, about 6 expected on an H100/H200: run it
 # with timeout_s=600 and give the machine back unless a rerun follows at once.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine, from the repository root
@@ -52,7 +52,7 @@ timeout 120 "$PY" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml="$OUT/c
     >"$OUT/cuda_tests.txt" 2>&1 || status=1
 
 # 2. Loader: same readers as on CPU, N = the loader workers used for training below.
-timeout 100 "$PY" scripts/bench_loader.py --dims both --workers "$WORKERS" --seconds 0.3 \
+timeout 140 "$PY" scripts/bench_loader.py --dims both --workers "$WORKERS" --seconds 0.3 \
     --rounds 3 --md /tmp/gpu-check-BENCHMARKS.md $QUICK >"$OUT/bench_loader.out" \
     2>>"$OUT/bench.log" || status=1
 tail -n 1 "$OUT/bench_loader.out" >"$OUT/bench_loader.json"
@@ -67,7 +67,7 @@ timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
 
 # 4. Data-parallel scaling, if the script exists (one GPU: one process, NCCL).
 if [ -f scripts/bench_scaling.py ]; then
-    timeout 45 "$PY" scripts/bench_scaling.py --device "$DEVICE" --nproc 1 --steps 60 \
+    timeout 45 "$PY" scripts/bench_scaling.py --device "$DEVICE" --nproc 1 --steps 60 --no-md \
         >"$OUT/bench_scaling.json" 2>>"$OUT/bench.log" || status=1
 fi
 
