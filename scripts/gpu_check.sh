@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine: CUDA tests, then both benchmarks (and the
 # scaling benchmark) with NCCL/DDP on one GPU; results land in $OUT (./gpu-results when
-# OUT is unset). Hard caps add up to 10 minutes, about 6 expected on an H100/H200: run it
+# OUT is unset). Hard caps add up to 9.75 minutes, about 6 expected on an H100/H200: run it
 # with timeout_s=600 and give the machine back unless a rerun follows at once.
 #
 #   bash scripts/gpu_check.sh            # on the GPU machine, from the repository root
@@ -60,7 +60,7 @@ grep -v '^{' "$OUT/bench_loader.out" >>"$OUT/bench.log"; rm -f "$OUT/bench_loade
 
 # 3. Training, under torchrun --nproc_per_node=1 (NCCL + DDP-wrapped models): the real
 #    loader with $WORKERS workers vs compute-only, fp32/bf16/fp16, channels_last, compile.
-timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+timeout 280 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
     scripts/bench_train.py --device "$DEVICE" --ddp --dims both --window 20 --rounds 2 \
     --compile-timeout 150 --override "data.num_workers=$WORKERS" $QUICK \
     >"$OUT/bench_train.json" 2>>"$OUT/bench.log" || status=1
