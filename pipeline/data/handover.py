@@ -155,8 +155,12 @@ def _forget_dead_workers() -> None:
             pass
 
 
-def _release(held: mmap.mmap, slot: int) -> None:
-    held[slot] = 0
+def _release(held: mmap.mmap, slot: int, owner: int) -> None:
+    # Only in the process that mapped the batch: a forked child (an evaluation loader's
+    # worker) inherits the batch objects and the mapping, and must not free the slot when
+    # its copies of them die.
+    if os.getpid() == owner:
+        held[slot] = 0
 
 
 def open_batch(ticket: tuple, bad_records: np.ndarray) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def open_batch(ticket: tuple, bad_records: np.ndarray) -> dict[str, Any]:
     patch = base[:patch_bytes].view(dtype).reshape(shape)
     label = base[patch_bytes : patch_bytes + size]
     # Every tensor view keeps `base` alive; when the last one goes, the worker may reuse it.
-    weakref.finalize(base, _release, held, slot)
+    weakref.finalize(base, _release, held, slot, os.getpid())
     return {
         "patch": torch.from_numpy(patch),
         "label": torch.from_numpy(label),
