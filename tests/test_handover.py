@@ -75,3 +75,19 @@ def test_in_process_stream_equals_one_shared_worker(shards):
     for _ in range(10):
         a, b = next(shared), next(local)
         assert torch.equal(a["patch"], b["patch"]) and torch.equal(a["label"], b["label"])
+
+
+def test_a_forked_child_dropping_a_batch_does_not_free_its_slot(shards):
+    # An evaluation loader forks its workers from the trainer, which holds a training batch.
+    batches = stream(shards, 1)
+    held = next(batches)
+    copy = held["patch"].clone()
+    child = os.fork()
+    if child == 0:  # the child's copy of the batch dies here
+        del held
+        os._exit(0)
+    os.waitpid(child, 0)
+    for _ in range(60):
+        next(batches)
+    assert torch.equal(held["patch"], copy)
+    del batches
