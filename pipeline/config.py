@@ -259,8 +259,9 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = torch's default)."""
     keep_freed_memory: bool = True
-    """glibc: reuse freed host buffers instead of faulting them back in every step (faster
-    CPU training, a little more peak RSS: BENCHMARKS.md; MALLOC_*_THRESHOLD_ env vars win)."""
+    """glibc: reuse freed host buffers instead of faulting them back in every step (fewer
+    page faults, a little more peak RSS; the speed effect depends on the machine:
+    BENCHMARKS.md; MALLOC_*_THRESHOLD_ env vars win)."""
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
