@@ -169,15 +169,18 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = read in the training process)."""
     prefetch_factor: int = 4
     """Batches each worker keeps ready."""
-    shuffle_blocks: int = 8
+    shuffle_blocks: int = 48
     """Shuffle buffer, in block records; a worker holds 1-2 buffers of shuffle_blocks x K samples.
 
-    8 keeps the 2D buffer (4.7 MB at K=256) in cache, where the batch gather reads it: 16
-    blocks read up to 14 % slower, 32 blocks about 28 % (scripts/bench_loader.py)."""
+    A batch draws from at most this many storage blocks, and two samples of one buffer tend
+    to share a batch again next epoch: 48 keeps that below 3 % of same-batch pairs for 2D
+    (27 MiB at K=256, 48x48 uint8). Fewer blocks: less memory, a coarser shuffle. Speed and
+    shuffle quality per size: BENCHMARKS.md (scripts/bench_loader.py)."""
     on_error: str = "skip"
     """Bad records: `skip` (counted and logged) or `fail`."""
     reader: str = "fast"
-    """Tar reader: `fast` (seek + one read per member) or `webdataset` (the library's, 2-2.5x slower)."""
+    """Tar reader: `fast` (seek + one read per member) or `webdataset` (the library's; slower,
+    see BENCHMARKS.md), same records and batches."""
     cache_dir: str | None = None
     """Node-local cache for remote shards (http(s)://, s3://, gs://, pipe:); null = `$PIPELINE_CACHE/shards`."""
     cache_limit_gb: float = 50.0
@@ -356,8 +359,9 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = torch's default)."""
     keep_freed_memory: bool = True
-    """glibc: reuse freed host buffers instead of faulting them back in every step (CPU
-    training 1.44x faster, peak RSS +6 %; MALLOC_*_THRESHOLD_ in the environment win)."""
+    """glibc: reuse freed host buffers instead of faulting them back in every step (fewer
+    page faults, a little more peak RSS; the speed effect depends on the machine:
+    BENCHMARKS.md; MALLOC_*_THRESHOLD_ env vars win)."""
 
     def __post_init__(self) -> None:
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0, got {self.max_steps}")
@@ -462,7 +466,8 @@ class GuardConfig:
     allow_bounded_head: bool = False
     """Expert override: train even if the output passes through ReLU/sigmoid/... (warns)."""
     dynamic: str = "warn"
-    """On suspicious logits (all >= 0, or all in [0, 1]): warn | error."""
+    """On a bounded head seen at run time (the range probe at train start, or a batch whose
+    logits pile up exactly at a bound): warn | error."""
     check_every: int = 100
     """Re-check the logits of a training batch every N steps (0 = only the first batch)."""
 

@@ -26,7 +26,6 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -92,6 +91,8 @@ class _Node:
     source: str  # file:line in user code
     bounds: tuple[float, float] | None  # output range when the op bounds it
     inputs: list[_Node | None] = field(default_factory=list)
+    call: int = -1  # position among the forward's torch calls (the range probe's handle)
+    value: Tensor | None = None  # the output of an affine op (the range probe's scale)
 
 
 def check_static(
@@ -107,50 +108,22 @@ def check_static(
     return finding
 
 
-def check_logits(logits: Tensor) -> str | None:
-    """Warning text when one batch of raw outputs is all >= 0 or all in [0, 1], else None."""
-    values = logits.detach().float().flatten()
-    values = values[torch.isfinite(values)]
-    # Fewer values say nothing: even a healthy model gives a handful the same sign.
-    if values.numel() < 16:
-        return None
-    lo, hi, n = values.min().item(), values.max().item(), values.numel()
-    if lo < 0:
-        return None
-    zeros = int((values == 0).sum())
-    if hi <= 1:
-        what = "lie in [0, 1]: is a sigmoid/softmax already applied?"
-    else:
-        what = "are >= 0: is there a ReLU/Softplus/abs/exp on the output?"
-    return (
-        f"guard: all {n} logits of this batch {what} (min {lo:.3g}, max {hi:.3g}, "
-        f"{zeros} exactly 0). Then every probability is >= 0.5. Return the raw logit of the "
-        "last Linear; the pipeline applies the sigmoid. A freshly initialised model can show "
-        "this by chance; it is a bug if it persists."
-    )
-
-
-def check_validation_probs(probs: np.ndarray | Tensor) -> str | None:
-    """Loud warning text when no validation probability is below 0.5 (or none above)."""
-    if isinstance(probs, Tensor):
-        probs = probs.detach().float().cpu().numpy()
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    p = p[np.isfinite(p)]
-    if p.size and p.min() >= 0.5:
-        side, stat, never = "below", f"min {p.min():.4f}", "negative"
-        cause = "A non-negative or bounded output (ReLU, sigmoid, ...) before the loss"
-    elif p.size and p.max() <= 0.5:
-        side, stat, never = "above", f"max {p.max():.4f}", "positive"
-        cause = "A non-positive output (log-sigmoid, clamp(max=0)) or a collapse to negatives"
-    else:
-        return None
-    return (
-        f"GUARD: no validation probability is {side} 0.5 ({stat} over {p.size} candidates): "
-        f"the model never predicts a {never}. {cause} does this: return the raw logit."
-    )
-
-
 def _find(model: nn.Module, crops: Sequence[Tensor]) -> GuardFinding | None:
+    recorder, out = record(model, crops)
+    if not isinstance(out, Tensor):
+        return None  # not our business: check_contract reports it
+    bad, affine = _walk_back(recorder.node_of(out))
+    if bad is None:
+        return None
+    where = f"{bad.place}, {bad.source}"
+    if affine is not None:
+        what = "" if affine.op.startswith("nn.") else f"{affine.op} in "
+        where += f", after {what}{affine.place}"
+    return GuardFinding(bad.op, where, _message(bad.op, where, bad.bounds))
+
+
+def record(model: nn.Module, crops: Sequence[Tensor]) -> tuple[_Recorder, object]:
+    """One eval-mode, no-grad forward that records each tensor's producing op; modes restored."""
     recorder = _Recorder()
     handles = []
     for path, module in model.named_modules():
@@ -167,16 +140,7 @@ def _find(model: nn.Module, crops: Sequence[Tensor]) -> GuardFinding | None:
             handle.remove()
         for module, was_training in training.items():
             module.training = was_training
-    if not isinstance(out, Tensor):
-        return None  # not our business: check_contract reports it
-    bad, affine = _walk_back(recorder.node_of(out))
-    if bad is None:
-        return None
-    where = f"{bad.place}, {bad.source}"
-    if affine is not None:
-        what = "" if affine.op.startswith("nn.") else f"{affine.op} in "
-        where += f", after {what}{affine.place}"
-    return GuardFinding(bad.op, where, _message(bad.op, where, bad.bounds))
+    return recorder, out
 
 
 def _walk_back(node: _Node | None) -> tuple[_Node | None, _Node | None]:
@@ -218,6 +182,7 @@ class _Recorder(TorchFunctionMode):
         # id -> (weakref, node): the weakref tells a live tensor from a recycled id.
         self.nodes: dict[int, tuple[weakref.ref, _Node]] = {}
         self.stack: list[tuple[str, nn.Module]] = []
+        self.calls = 0
 
     def enter(self, path: str, module: nn.Module):
         return lambda _module, _args: self.stack.append((path, module))
@@ -232,12 +197,16 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)  # torch disables this mode inside, so no recursion
+        self.calls += 1
         outs = _tensors([out])
         if outs:
             # Inputs resolve *before* the outputs are stored, so an in-place op points at
             # the tensor's previous producer rather than at itself.
             inputs = [self.node_of(t) for t in _tensors([*args, *kwargs.values()])]
             node = self._node(func, args, kwargs, inputs)
+            node.call = self.calls
+            if node.name in _AFFINE and isinstance(out, Tensor):
+                node.value = out.detach()
             for o in outs:
                 self.nodes[id(o)] = (weakref.ref(o), node)
         return out
@@ -317,3 +286,9 @@ def _tensors(values: Sequence[object]) -> list[Tensor]:
     """The tensors among `values`, looking one level into lists and tuples (torch.cat)."""
     flat = [v for x in values for v in (x if isinstance(x, (tuple, list)) else [x])]
     return [t for t in flat if isinstance(t, Tensor)]
+
+
+# The dynamic checks live beside this file; they reuse the recorder above.
+from pipeline.guard_dynamic import check_logits, check_range, check_validation_probs  # noqa: E402
+
+__all__ = ["GuardFinding", "check_logits", "check_range", "check_static", "check_validation_probs"]

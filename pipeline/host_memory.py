@@ -3,9 +3,10 @@
 On CPU every forward and backward pass allocates and frees activation buffers of a few to
 tens of MB. glibc serves blocks that big with mmap and returns them on free (or trims them
 off the heap top), so the next step faults every page back in, zeroed by the kernel: the
-85 s demo took 22 M minor page faults and spent 29 % of its CPU time in the kernel. With
-fixed thresholds glibc keeps those blocks for reuse: `pipeline train` ran 1.44x the
-samples/s with a tenth of the page faults and 6 % more peak RSS (scripts/bench_malloc.py).
+demo spent a large share of its CPU time in the kernel on minor page faults. With fixed
+thresholds glibc keeps those blocks for reuse: far fewer page faults and less kernel time,
+a little more peak RSS; what that does to samples/s depends on the machine and its load
+(scripts/bench_malloc.py writes the numbers into BENCHMARKS.md).
 This is what `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` do from the environment,
 and those win when set. Other C libraries (musl, macOS) are left alone.
 """

@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from pipeline import guard
+from pipeline import distributed, guard
 from pipeline.config import Config
 from pipeline.tracking import Tracker
 
@@ -28,6 +28,12 @@ def guard_static(model: nn.Module, cfg: Config) -> None:
             finding.op,
             finding.where,
         )
+    # The dynamic range probe, from step 0: also catches what the static walk cannot name.
+    message = guard.check_range(model, crops)
+    if message and cfg.guard.dynamic == "error":
+        raise guard.BoundedHeadError(message)
+    if message and distributed.is_main():  # the same model on every rank: say it once
+        log.warning(message)
 
 
 class LogitCheck:

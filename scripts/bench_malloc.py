@@ -89,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per variant, taking turns")
     parser.add_argument("--quick", action="store_true", help="tiny data and runs (smoke test)")
+    parser.add_argument(
+        "--md", help="write the table into this BENCHMARKS.md (default: the repo's, not --quick)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args(argv)
+    command = "python scripts/bench_malloc.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     if args.quick:
         args.steps, args.rounds = 4, 1
         args.overrides += ["train.batch_size=32", "model.width=4", "model.depth=2"]
@@ -119,6 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "machine": machine_info("cpu"),
     }
+    if args.md or not args.quick:
+        from benchmarks_md import machine_line, table, write_section
+
+        rows = [
+            [key.replace("_", " "), medians[key]["kept"], medians[key]["default"]] for key in keys
+        ]
+        write_section(
+            "malloc",
+            f"Host allocator: `train.keep_freed_memory` (real `pipeline train`, {args.steps} steps)",
+            table(
+                ["median of " + str(args.rounds) + " rounds", "kept (default)", "glibc default"],
+                rows,
+            )
+            + f"\n\nSpeed-up (kept / glibc default samples/s): **{summary['speedup']:.2f}x**.",
+            command=command.strip(),
+            machine=machine_line(shared=True),
+            path=args.md,
+        )
     print(json.dumps(summary))
     return 0
 

@@ -123,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     parser.add_argument("--keep", help="keep the run directories here (default: a temp dir)")
+    parser.add_argument(
+        "--md", help="write the table into this BENCHMARKS.md (default: the repo's)"
+    )
+    parser.add_argument("--no-md", action="store_true", help="write no BENCHMARKS.md section")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args(argv)
+    command = "python scripts/bench_scaling.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     if 1 not in args.nproc:
         parser.error("--nproc must include 1 (the baseline)")
 
@@ -158,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
         "points": points,
         "scaling_efficiency": next((p.get("efficiency") for p in points if p["nproc"] == 2), None),
     }
+    if not args.no_md:
+        from benchmarks_md import machine_line, table, write_section
+
+        rows = [
+            [p["nproc"], p.get("samples_per_s", p.get("skipped")), p.get("efficiency", "")]
+            for p in points
+        ]
+        write_section(
+            f"scaling-{args.device}",
+            f"Data-parallel scaling ({summary['backend']}, {args.steps} steps, {Path(args.config).name})",
+            table(["processes", "samples/s", "efficiency"], rows),
+            command=command.strip(),
+            machine=machine_line(shared=True),
+            path=args.md,
+        )
     print(json.dumps(summary))
     return 0 if base is not None else 1
 

@@ -47,7 +47,14 @@ def test_images_csv_converts_trains_and_evaluates(tmp_path):
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 600
-    assert summary is not None
+    # The summary the CLI prints tells the truth about what was written.
+    assert summary["rows"] == 600 and summary["patch_shape"] == [1, 48, 48]
+    for split in ("train", "val"):
+        written = manifest["splits"][split]
+        assert summary["splits"][split]["samples"] == written["samples"]
+        assert summary["splits"][split]["positives"] == written["positives"]
+    assert sum(s["positives"] for s in summary["splits"].values()) == int(labels.sum())
+    assert sum(s["groups"] for s in summary["splits"].values()) == 100  # 6 images per patient
 
     run_dir = tmp_path / "run"
     env = cli_env(tmp_path)

@@ -109,3 +109,24 @@ def test_fp16_non_finite_loss_counts_towards_max_bad_steps(tiny_args, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pipeline train: error: 3 consecutive non-finite steps; ")
     assert "last good step 5" in last and "loss scale" in last
+
+
+def test_steady_state_training_steps_never_sync_with_the_host():
+    """Issue 18 §5: `set_sync_debug_mode("error")` around steady-state steps of the real step.
+
+    Skeleton: `pipeline.train.train_step` (engineer A's one training step) is the entry point;
+    until it exists this fails with that message, so gpu_check.sh cannot report a pass.
+    """
+    import pipeline.train as train_module
+
+    train_step = getattr(train_module, "train_step", None)
+    if train_step is None:
+        pytest.fail("pipeline.train.train_step does not exist yet: no sync-debug check possible")
+    steady = getattr(train_module, "steady_state_steps", None)
+    if steady is None:
+        pytest.fail("pipeline.train.steady_state_steps(config, n) is needed to drive the window")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steady(n=10)  # raises RuntimeError on the first synchronising call
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.doctor import FAIL, OK, diagnose
+from pipeline.doctor import FAIL, OK, WARN, diagnose
 from tests.conftest import TINY, cli_env, run_cli
 
 
@@ -34,7 +34,10 @@ def test_healthy_setup_passes_with_exit_0_and_never_prints_the_wandb_key(tiny_sh
     assert not lines_with(done.stdout, FAIL)
     for name in ("torch", "distributed env", "SLURM", "config", "model", "guard", "W&B"):
         assert line_for(done.stdout, name).startswith(OK)
-    assert line_for(done.stdout, "GPUs")  # "!" here (no GPU), which is no failure
+    # No GPU here (CUDA_VISIBLE_DEVICES=""): a warning that says so and why, never a failure.
+    gpus = line_for(done.stdout, "GPUs")
+    assert gpus.startswith(WARN), gpus
+    assert "none visible (CUDA_VISIBLE_DEVICES='')" in gpus and "runs on the CPU" in gpus
     assert line_for(done.stdout, "data.train records").endswith("decodes: [1, 48, 48] uint8")
     # It says how much it read: 3 of 4 shards, one block of 64 samples from each.
     assert "first record of 3 of 4 shard(s) (192 samples, 9.4% of 2048" in done.stdout

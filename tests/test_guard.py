@@ -1,18 +1,20 @@
-"""The logit guard refuses bounded heads by name, passes raw-logit heads, and warns on data."""
+"""The static logit guard refuses bounded heads by name and passes raw-logit heads.
+
+The dynamic checks (range probe, batch and validation checks) are in test_guard_dynamic.py.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import zoo_heads as zoo
 from torch import nn
 
-from pipeline.errors import BoundedHeadError, ModelContractError
-from pipeline.guard import check_logits, check_static, check_validation_probs
+from pipeline.errors import BoundedHeadError
+from pipeline.guard import check_static
 from pipeline.model import XceptionLike, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +72,6 @@ def test_seed_head_message_explains_p_at_least_half_and_points_at_the_forward_li
         .index("        return F.relu(self.fc_last_2(out))")
     )
     assert f"ReluHead.forward, tests/zoo_heads.py:{line + 1}" in message
-
-
-def test_bounded_head_error_is_a_user_error_with_exit_code_2():
-    assert issubclass(BoundedHeadError, ModelContractError)
-    assert BoundedHeadError.exit_code == 2
 
 
 def test_model_that_fx_cannot_trace_is_still_caught():
@@ -216,45 +213,3 @@ def test_user_model_loaded_by_import_path_passes_the_contract_but_not_the_guard(
     )
     with pytest.raises(BoundedHeadError, match="fc_last_2"):
         check_static(model, crops())
-
-
-def test_check_logits_warns_when_a_sigmoid_is_already_applied():
-    with torch.no_grad():
-        logits = zoo.SigmoidModuleHead()(*crops(batch=64))
-    warning = check_logits(logits)
-    assert warning is not None and "[0, 1]" in warning and "sigmoid" in warning
-
-
-def test_check_logits_warns_on_relu_outputs_and_counts_the_exact_zeros():
-    logits = F.relu(torch.randn(64, generator=torch.Generator().manual_seed(1)) + 1.5)
-    zeros = int((logits == 0).sum())
-    assert zeros > 0 and logits.max() > 1
-    warning = check_logits(logits)
-    assert warning is not None and ">= 0" in warning and f"{zeros} exactly 0" in warning
-
-
-def test_check_logits_is_silent_on_mixed_signs_tiny_batches_and_ignores_nan():
-    mixed = torch.randn(64, generator=torch.Generator().manual_seed(2))
-    assert check_logits(mixed) is None
-    assert check_logits(torch.rand(8)) is None  # too few values to say anything
-    with_nan = torch.cat([torch.rand(32), torch.tensor([float("nan"), -float("inf")])])
-    assert check_logits(with_nan) is not None
-
-
-def test_check_validation_probs_flags_a_model_that_never_predicts_negative():
-    logits = F.relu(torch.randn(500, generator=torch.Generator().manual_seed(3)))
-    warning = check_validation_probs(torch.sigmoid(logits))
-    assert warning is not None and "below 0.5" in warning and "never predicts a negative" in warning
-    assert "min 0.5000 over 500" in warning
-
-
-def test_check_validation_probs_flags_a_model_that_never_predicts_positive():
-    probs = np.linspace(0.01, 0.5, 200)
-    warning = check_validation_probs(probs)
-    assert warning is not None and "above 0.5" in warning and "never predicts a positive" in warning
-
-
-def test_check_validation_probs_is_silent_when_both_classes_are_predicted():
-    assert check_validation_probs(np.array([0.1, 0.4, 0.7, np.nan])) is None
-    assert check_validation_probs(torch.tensor([0.2, 0.9], dtype=torch.bfloat16)) is None
-    assert check_validation_probs(np.array([])) is None

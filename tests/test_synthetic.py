@@ -209,8 +209,8 @@ def _val_auroc(scales: tuple[int, ...], train, val, steps: int, seed: int) -> fl
 
 def test_small_crop_alone_classifies_clearly_worse_than_three_scales():
     # The generator must need context: a large nodule and the inside of a mass (or a nodule
-    # and a ridge on the wall) look alike in the 16 crop. Same net, data, steps and seed;
-    # measured on 2 cores: about 0.65 (16 only) vs 0.93 (three scales).
+    # and a ridge on the wall) look alike in the 16 crop. Same net, data, steps and seed
+    # as scripts/bench_context.py, whose table in BENCHMARKS.md has the measured AUROCs.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and polite to parallel test workers
     try:

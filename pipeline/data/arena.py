@@ -11,7 +11,7 @@ simply falls back to np.concatenate, so the result never depends on the fast pat
 Arena memory is recycled: the stream hands each flushed buffer's memory back once every
 sample in it has been gathered into a batch, and the next buffer is read into it. Fresh
 memory each time made the kernel zero every page first: a 3D buffer of 8 blocks is
-113 MB, and the zeroing cost the 3D reader a quarter of its speed (40 % at 16 blocks).
+113 MB, and the zeroing was a measurable share of the 3D reader's time.
 
 Host memory per worker: one arena of shuffle_blocks x K x bytes per sample, plus the one
 before it while its last samples finish a batch (more only when a batch spans several

@@ -22,8 +22,10 @@ Validation reads each shard once, in order, rank r taking shards[r::world].
 Remote shards (http(s)://, s3://, gs://, pipe:) are opened through the node-local cache
 (`pipeline.data.cache`), which downloads the next ones while a worker reads.
 Shards are read by `tar_records` (local files, one readinto per member) rather than
-webdataset's streaming tar reader, and batches leave DataLoader workers pickled by value
-(`ship`): both were measured bottlenecks. The files stay plain WebDataset tars.
+webdataset's streaming tar reader, and DataLoader workers gather each batch straight into
+a reused shared-memory slot that the trainer maps without a copy (`handover.py`; `ship`
+by value is the fallback): both were measured bottlenecks (scripts/bench_loader.py). The
+files stay plain WebDataset tars.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data import cache
 from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
+from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
 from pipeline.data.problems import ProblemLog
 from pipeline.data.remote import is_remote, scrub
 from pipeline.data.tar_records import Placer, tar_records, webdataset_records
@@ -71,6 +74,8 @@ class StreamSpec:
     """`fast` (tar_records) or `webdataset` (the library's streaming reader); same records."""
     allow_unknown: bool = False
     """Admit label 255 (unknown): only `pipeline predict` reads such shards."""
+    handover: str = "shared"
+    """Worker -> trainer: `shared` (a ring of shared-memory slots, `handover.py`) or `copy`."""
     problems: ProblemLog = field(default_factory=ProblemLog)
 
 
@@ -179,11 +184,11 @@ def _as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
 class _Shipped:
     """A worker's batch that crosses to the trainer pickled by value, arriving as tensors.
 
-    Tensors sent from a DataLoader worker each get a fresh shared-memory segment whose file
-    descriptor travels over a socket, per tensor and per batch: for batches under about
-    1 MiB (2D) that fixed cost was 4x the cost of pickling the bytes through the result
-    pipe on a 2-core VM; above a few MiB (3D) shared memory wins. Unpickling rebuilds the
-    plain dict.
+    The fallback when the shared-memory ring (`handover.py`) is off or full. Tensors sent
+    from a DataLoader worker each get a fresh shared-memory segment whose file descriptor
+    travels over a socket, per tensor and per batch: for small (2D) batches that fixed cost
+    was higher than pickling the bytes through the result pipe; for big (3D) ones shared
+    memory wins. Unpickling rebuilds the plain dict.
     """
 
     def __init__(self, batch: dict[str, Any]) -> None:
@@ -274,11 +279,13 @@ def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tupl
 Piece = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _gather(pieces: list[Piece], size: int) -> tuple[np.ndarray, np.ndarray]:
+def _gather(
+    pieces: list[Piece], size: int, patch: np.ndarray | None = None, label: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One batch from (patch, label, indices) pieces, in order, with one copy per sample."""
-    shape = pieces[0][0].shape[1:]
-    patch = np.empty((size, *shape), np.result_type(*(p for p, _, _ in pieces)))
-    label = np.empty(size, np.uint8)
+    if patch is None or label is None:
+        patch = np.empty((size, *pieces[0][0].shape[1:]), _dtype(pieces))
+        label = np.empty(size, np.uint8)
     # Stand-ins (zeros) lead where an unreplayed carry-in would have been (see _start_epoch).
     at = size - sum(len(index) for _, _, index in pieces)
     patch[:at], label[:at] = 0, 0
@@ -288,6 +295,22 @@ def _gather(pieces: list[Piece], size: int) -> tuple[np.ndarray, np.ndarray]:
         np.take(source_label, index, out=label[at : at + len(index)], mode="clip")
         at += len(index)
     return patch, label
+
+
+def _dtype(pieces: list[Piece]) -> np.dtype:
+    return np.result_type(*(p for p, _, _ in pieces))
+
+
+def _batch(pieces: list[Piece], size: int, ring: Ring | None, bad: np.ndarray) -> Any:
+    """Gather a batch into a free shared slot when a ring is given and has one, else ship it."""
+    if ring is not None:
+        slot = ring.arrays((size, *pieces[0][0].shape[1:]), _dtype(pieces), size)
+        if slot is not None:
+            ticket, patch, label = slot
+            _gather(pieces, size, patch, label)
+            return InShared(ticket, bad)
+    patch, label = _gather(pieces, size)
+    return ship({"patch": patch, "label": label, "bad_records": bad})
 
 
 MAX_EMPTY_EPOCHS = 16
@@ -307,6 +330,8 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     arena = Arena(spec.shuffle_blocks)
     read_out: list[np.ndarray | None] = []  # memories of chunks fully dealt into batches
     empty_epochs = 0
+    in_worker = get_worker_info() is not None
+    ring = make_ring() if in_worker and spec.handover == "shared" else None
     while True:
         got_any = False
         for patch, label, order, memory in _own_epoch(spec, epoch, worker, workers, arena):
@@ -321,14 +346,8 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
                     read_out.append(memory)
                 if filled == size:
                     if batch_index >= skip:
-                        batch_patch, batch_label = _gather(pieces, size)
-                        yield ship(
-                            {
-                                "patch": batch_patch,
-                                "label": batch_label,
-                                "bad_records": np.array([worker, spec.problems.count]),
-                            }
-                        )
+                        bad = np.array([worker, spec.problems.count])
+                        yield _batch(pieces, size, ring, bad)
                     # Every chunk dealt out so far is now in a gathered (or skipped) batch.
                     for done in read_out:
                         arena.release(done)
@@ -468,6 +487,8 @@ def build_loader(
     stream: IterableDataset, num_workers: int, pin_memory: bool, prefetch: int
 ) -> DataLoader:
     """A DataLoader over ready-made batches (batch_size=None: the stream already batches)."""
+    if num_workers > 0:
+        prepare_trainer()  # the shared-memory ring's cleanup, shared with the workers
     return DataLoader(
         stream,
         batch_size=None,

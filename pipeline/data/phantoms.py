@@ -233,7 +233,7 @@ def _blur(x: np.ndarray, dims: int, sigma: float = _BLUR_SIGMA) -> np.ndarray:
     """Separable Gaussian blur by shifted adds, renormalised at the borders.
 
     Plain numpy on purpose: small BLAS products spin up OpenBLAS threads in every worker,
-    which oversubscribes the cores (measured 80x slower in 3D on 2 busy cores).
+    which oversubscribes the cores (far slower in 3D on a busy machine).
     """
     radius = max(1, int(np.ceil(2.5 * sigma)))
     weights = np.exp(-0.5 * (np.arange(radius + 1) / sigma) ** 2).astype(np.float32)

@@ -158,8 +158,8 @@ def tar_records(path: str, place: Placer | None = None) -> Iterator[dict[str, An
 def webdataset_records(path: str) -> Iterator[dict[str, Any]]:
     """The same records through webdataset's own reader (`tarfile_samples`, streaming tarfile).
 
-    `data.reader=webdataset`: the reference path, 2-2.5x slower per worker than
-    `tar_records` on 48x48 blocks (scripts/bench_loader.py), kept selectable so results can
+    `data.reader=webdataset`: the reference path, slower per worker than `tar_records`
+    (scripts/bench_loader.py, BENCHMARKS.md), kept selectable so results can
     be cross-checked against the library. Any failure inside webdataset (its handler
     re-raises with extra args) becomes a tarfile.ReadError naming the first cause, so both
     readers fail the same way.

@@ -1,0 +1,93 @@
+"""The shared-memory hand-over: the same batches as in-process, slots reused, never
+overwritten while a batch is alive, and nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import handover
+from pipeline.data.format import write_split
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+
+
+def shm_names() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("pipeline-batch")}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("handover")
+    rng = np.random.default_rng(0)
+    n = 2048
+    patch = rng.integers(0, 256, (n, 1, 48, 48), dtype=np.uint8)
+    label = (rng.random(n) < 0.3).astype(np.uint8)
+    write_split(
+        root, "train", patch, label, [f"s{i}" for i in range(n)], num_shards=2, block_size=64
+    )
+    return sorted(str(p) for p in Path(root).glob("train-*.tar"))
+
+
+def stream(shards: list[str], workers: int, handover: str = "shared"):
+    spec = StreamSpec(shards, 64, seed=3, num_workers=workers, shuffle_blocks=4, handover=handover)
+    if workers == 0:
+        return iter(TrainStream(spec))
+    return iter(build_loader(TrainStream(spec), workers, pin_memory=False, prefetch=2))
+
+
+def test_shared_batches_equal_the_in_process_stream_even_when_all_are_kept(shards):
+    seen = set(handover._MAPPED)
+    reference = stream(shards, 2, handover="copy")  # by value: the previous hand-over
+    expected = [next(reference) for _ in range(handover.MAX_SLOTS + 8)]
+    del reference
+    batches = stream(shards, 2)
+    kept = [next(batches) for _ in range(len(expected))]  # more than the ring: fallback
+    for want, got in zip(expected, kept, strict=True):
+        assert torch.equal(want["patch"], got["patch"]) and torch.equal(want["label"], got["label"])
+        assert torch.equal(want["bad_records"], got["bad_records"])
+    tags = {name.rsplit("-", 1)[0] for name in set(handover._MAPPED) - seen}
+    assert len(tags) == 2  # one ring per worker
+    del batches, kept
+    # Every slot's name is gone: mapped ones at once, in-flight ones when the worker exited
+    # (other processes on the machine may have their own, hence the tags).
+    assert not {n for n in shm_names() if n.rsplit("-", 1)[0] in tags}
+
+
+def test_released_slots_are_reused_and_live_batches_are_never_overwritten(shards):
+    already = set(handover._MAPPED)
+    batches = stream(shards, 1)
+    held = next(batches)
+    copy = held["patch"].clone()
+    for _ in range(60):  # each dropped at once: the ring stays small
+        next(batches)
+    assert torch.equal(held["patch"], copy)  # its slot stayed reserved all along
+    tickets = {n for n in handover._MAPPED if n not in already and not n.endswith("-held")}
+    assert 2 <= len(tickets) <= 8, tickets  # prefetch + the batch in hand + one being freed
+    del batches
+
+
+def test_in_process_stream_equals_one_shared_worker(shards):
+    shared, local = stream(shards, 1), stream(shards, 0)
+    for _ in range(10):
+        a, b = next(shared), next(local)
+        assert torch.equal(a["patch"], b["patch"]) and torch.equal(a["label"], b["label"])
+
+
+def test_a_forked_child_dropping_a_batch_does_not_free_its_slot(shards):
+    # An evaluation loader forks its workers from the trainer, which holds a training batch.
+    batches = stream(shards, 1)
+    held = next(batches)
+    copy = held["patch"].clone()
+    child = os.fork()
+    if child == 0:  # the child's copy of the batch dies here
+        del held
+        os._exit(0)
+    os.waitpid(child, 0)
+    for _ in range(60):
+        next(batches)
+    assert torch.equal(held["patch"], copy)
+    del batches
