@@ -200,20 +200,18 @@ class DataConfig:
         _require(
             list(self.scales) == sorted(self.scales), "data.scales", "must be in increasing order"
         )
-        if self.patch_size is None:
-            self.patch_size = self.scales[-1]
         _require(
-            self.patch_size >= self.scales[-1],
+            self.patch_size is None or self.patch_size >= self.scales[-1],
             "data.patch_size",
-            f"must be >= the largest scale {self.scales[-1]}, got {self.patch_size}",
+            f"must be >= the largest scale {self.scales[-1]} (or null), got {self.patch_size}",
         )
-        margin = (self.patch_size - self.scales[-1]) // 2
+        margin = (self.stored_size - self.scales[-1]) // 2
         _require(
             self.augment.translate <= margin,
             "data.augment.translate",
             f"{self.augment.translate} exceeds the stored margin {margin} (data.patch_size "
-            f"{self.patch_size} - largest scale {self.scales[-1]}) / 2; store larger patches "
-            "(make-synthetic --size, convert --patch-size) or lower it",
+            f"{self.stored_size} - largest scale {self.scales[-1]}) / 2; store larger patches "
+            "(make-synthetic --size, convert --size) and set data.patch_size, or lower it",
         )
         _require(self.channels > 0, "data.channels", "must be > 0")
         _require(self.std > 0, "data.std", "must be > 0")
@@ -234,9 +232,14 @@ class DataConfig:
         _require(self.remote_retries >= 0, "data.remote_retries", "must be >= 0")
 
     @property
+    def stored_size(self) -> int:
+        """The stored patch side S: `patch_size`, or the largest scale when that is null."""
+        return self.patch_size if self.patch_size is not None else self.scales[-1]
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """(C, S, S) or (C, S, S, S): what every stored sample must be."""
-        return (self.channels,) + (self.patch_size,) * self.dims
+        return (self.channels,) + (self.stored_size,) * self.dims
 
 
 @dataclass

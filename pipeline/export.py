@@ -151,10 +151,10 @@ def export(
     if dtype not in ALLOWED_DTYPES:
         raise ConfigError(f"--dtype {dtype}: must be one of {'|'.join(ALLOWED_DTYPES)}")
     cfg, model, _ = load_trained(checkpoint, overrides)
-    size = patch_size or cfg.data.patch_size
-    if size < cfg.data.patch_size:
+    size = patch_size or cfg.data.stored_size
+    if size < cfg.data.scales[-1]:
         raise ConfigError(
-            f"--patch-size {size}: smaller than the largest scale {cfg.data.patch_size}"
+            f"--patch-size {size}: smaller than the largest scale {cfg.data.scales[-1]}"
         )
     transform = eval_transform(cfg) if single_input else None
     wrapper = ExportedModel(model, transform, size, probabilities)

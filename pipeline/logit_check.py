@@ -11,15 +11,19 @@ import logging
 import torch
 from torch import nn
 
-from pipeline import distributed, guard
+from pipeline import guard
 from pipeline.config import Config
 from pipeline.tracking import Tracker
 
 log = logging.getLogger("pipeline")
 
 
-def guard_static(model: nn.Module, cfg: Config) -> None:
-    """Refuse a bounded head before training (unless `guard.allow_bounded_head`)."""
+def guard_static(model: nn.Module, cfg: Config) -> str | None:
+    """Refuse a bounded head before training (unless `guard.allow_bounded_head`).
+
+    Returns the range probe's warning for the tracker (None for a raw-logit head); with
+    `guard.dynamic=error` a bounded range is a BoundedHeadError instead.
+    """
     crops = [torch.randn((2, cfg.data.channels) + (s,) * cfg.data.dims) for s in cfg.data.scales]
     finding = guard.check_static(model, crops, cfg.guard.allow_bounded_head)
     if finding is not None:
@@ -32,8 +36,7 @@ def guard_static(model: nn.Module, cfg: Config) -> None:
     message = guard.check_range(model, crops)
     if message and cfg.guard.dynamic == "error":
         raise guard.BoundedHeadError(message)
-    if message and distributed.is_main():  # the same model on every rank: say it once
-        log.warning(message)
+    return message  # warned through the tracker once it exists (Trainer.fit)
 
 
 class LogitCheck:
@@ -43,9 +46,13 @@ class LogitCheck:
     first suspicious batch only arms the check; the next check decides.
     """
 
-    def __init__(self, dynamic: str, tracker: Tracker) -> None:
+    def __init__(
+        self, dynamic: str, tracker: Tracker, range_warning: str | None = None, step: int = 0
+    ) -> None:
         self.dynamic, self.tracker = dynamic, tracker
         self.suspect = False
+        if range_warning:  # the range probe's finding, from before the tracker existed
+            tracker.warn(step, range_warning)
 
     def check(self, logits: torch.Tensor, step: int) -> None:
         message = guard.check_logits(logits.detach())

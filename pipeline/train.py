@@ -167,7 +167,7 @@ class Trainer:
     def fit(self, tracker: Tracker) -> dict[str, Any]:
         """Train to `train.max_steps` (or a stop request); `tracker` records it all."""
         cfg, state, self.tracker = self.cfg, self.state, tracker
-        self.logits = LogitCheck(cfg.guard.dynamic, tracker)
+        self.logits = LogitCheck(cfg.guard.dynamic, tracker, state.range_warning, state.step)
         start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
         batches = (
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None

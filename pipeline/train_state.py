@@ -37,6 +37,8 @@ class TrainState:
     seed: int = 0
     step: int = 0
     """Optimizer steps taken: the one step counter of the run."""
+    range_warning: str | None = None
+    """The logit guard's range probe finding at build time (reported once training starts)."""
     data_problems: bool = False
     """Once any rank skipped a record, manifest counts overstate what the stream emits, so a
     resume must replay positions by real samples (see `Trainer.batches`)."""
@@ -120,7 +122,7 @@ def build_train_state(cfg: Config, device: torch.device, precision: str, rank: i
         **{k: getattr(cfg.model, k) for k in ("name", "target", "kwargs", "width", "depth")},
         **{k: getattr(cfg.model, k) for k in ("features", "hidden", "dropout")},
     )
-    guard_static(model, cfg)
+    range_warning = guard_static(model, cfg)
     fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
     model = model.to(device, memory_format=fmt if cfg.model.channels_last else None)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -132,4 +134,5 @@ def build_train_state(cfg: Config, device: torch.device, precision: str, rank: i
         torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + rank),
         grad_accum=cfg.train.grad_accum,
         seed=cfg.train.seed,
+        range_warning=range_warning,
     )

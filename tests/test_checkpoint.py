@@ -159,11 +159,18 @@ def test_checkpoint_of_another_model_width_is_refused_naming_the_file(resumed, s
     assert "size mismatch" in line
 
 
-def test_run_dir_of_another_channel_count_is_refused_naming_last_pt(resumed, shards, tmp_path):
+def test_another_channel_count_on_the_same_shards_is_refused_before_the_run_dir(
+    resumed, shards, tmp_path
+):
+    # The shard check comes first (the checkpoint's own data.channels is the resume
+    # contract's, tests/test_resume_contract.py): one line, and last.pt is left alone.
     source, _, _ = resumed
+    last = source / "checkpoints" / "last.pt"
+    before = last.read_bytes()
     result = run_cli(_args(shards, source, "data.channels=3"), cli_env(tmp_path))
     line = _one_line_error(result)
-    assert f"checkpoint {source}/checkpoints/last.pt: data.channels=1 does not match" in line
+    assert "data.channels=3 but the shards hold 1-channel patches" in line
+    assert last.read_bytes() == before
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_agent_style_arguments_resolve_to_the_same_config_as_a_dotlist(tiny_shar
         config["run"].pop("dir")
     assert configs[0] == configs[1]
     assert configs[0]["optim"]["lr"] == 0.01 and configs[0]["data"]["scales"] == [12, 32, 48]
-    assert configs[0]["data"]["augment"] is False
+    assert configs[0]["data"]["augment"]["enabled"] is False  # the old bool switch
 
 
 def test_agent_style_unknown_key_is_one_line(tmp_path):

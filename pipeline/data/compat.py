@@ -68,10 +68,16 @@ def mismatch(shape: list[int], dtype: str, cfg: DataConfig) -> str | None:
         )
     if len(set(shape[1:])) != 1:
         return f"the shards hold patches {shape}; they must be square or cubic"
-    if shape[1] != cfg.patch_size:
+    if shape[1] != cfg.stored_size:
+        if cfg.patch_size is not None:
+            return (
+                f"data.patch_size={cfg.patch_size} but the shards hold patches {shape}; "
+                f"set data.patch_size={shape[1]}"
+            )
         return (
             f"data.scales={list(cfg.scales)}: the largest scale must equal the stored patch "
-            f"size {shape[1]} (patches {shape}); end data.scales at {shape[1]}"
+            f"size {shape[1]} (patches {shape}); end data.scales at {shape[1]}, or set "
+            f"data.patch_size={shape[1]} to crop inside larger patches"
         )
     if dtype not in ALLOWED_DTYPES:
         return f"the shards hold {dtype} patches; allowed: {', '.join(ALLOWED_DTYPES)}"

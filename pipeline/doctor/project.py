@@ -138,8 +138,8 @@ def _decode(cfg: Config, key: str, paths: list[str], shards: int, samples: int |
             )
         elif channels != cfg.data.channels:
             problem = f"data.channels={cfg.data.channels} but the patches have {channels}"
-        elif size < cfg.data.patch_size:
-            problem = f"data.scales: largest scale {cfg.data.patch_size} exceeds the stored patch size {size}"
+        elif size != cfg.data.stored_size:
+            problem = f"data.patch_size/data.scales expect stored patches of {cfg.data.stored_size}, the shards hold {size}"
         if problem:
             return Check(
                 FAIL, name, f"{path}: {problem}", "match data.dims/channels/scales to the shards"
