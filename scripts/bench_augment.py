@@ -125,10 +125,37 @@ def run(quick: bool, rounds: int) -> dict[str, Any]:
     return results
 
 
+def write_markdown(out: dict[str, Any], path: str | None) -> None:
+    from benchmarks_md import machine_line, table, write_section
+
+    names = [*VARIANTS, PLANTED]
+    rows = [
+        [name, *(out["results"][case]["ms_per_batch"][name] for case in ("2d", "3d")),
+         *(out["results"][case]["vs_flips"][name] for case in ("2d", "3d"))]
+        for name in names
+    ]  # fmt: skip
+    r2, r3 = out["results"]["2d"], out["results"]["3d"]
+    write_section(
+        "augment",
+        f"Augmentation cost per batch (CPU, 2 threads; 2D batch {r2['batch']}, 3D batch "
+        f"{r3['batch']}, 48-crops from {STORED}-stored patches)",
+        table(["variant", "2D ms/batch", "3D ms/batch", "2D vs flips", "3D vs flips"], rows),
+        command=out["command"],
+        machine=machine_line(shared=True),
+        notes=f"Medians of {out['rounds']} interleaved rounds. The planted per-sample affine is "
+        f"{r2['planted_vs_batched']}x (2D) and {r3['planted_vs_batched']}x (3D) the batched one "
+        f"(must be >= {GOAL_PLANTED_MIN}x, else the script fails).",
+        path=path,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny batches, one round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--md", help="write the table into this BENCHMARKS.md (default: the repo's, not --quick)"
+    )
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
     results = run(args.quick, rounds)
@@ -143,6 +170,8 @@ def main() -> int:
         "planted_detected": detected,
     }
     print(json.dumps(out))
+    if args.md or not args.quick:
+        write_markdown(out, args.md)
     if not detected and not args.quick:
         print(
             f"FAIL: the planted per-sample variant is not {GOAL_PLANTED_MIN}x slower than the "

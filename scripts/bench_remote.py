@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--dims", type=int, choices=(2, 3), action="append")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--quick", action="store_true", help="a quarter of the samples")
+    parser.add_argument(
+        "--md", help="write the table into this BENCHMARKS.md (default: the repo's, not --quick)"
+    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,6 +194,28 @@ def main() -> None:
         "machine": machine_info(),
     }
     print(json.dumps(result))
+    if args.md or not args.quick:
+        write_markdown(result, args.md, args.quick)
+
+
+def write_markdown(result: dict[str, Any], path: str | None, quick: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmarks_md import machine_line, table, write_section
+
+    keys = ["dims", "source", "cache", "prefetch", "workers", "samples_per_s"]
+    extra = sorted({k for r in result["rows"] for k in r} - set(keys))
+    rows = [[r.get(k, "") for k in keys + extra] for r in result["rows"]]
+    write_section(
+        "remote",
+        "Shards on object storage: delivered samples/s through the DataLoader",
+        table(keys + extra, rows),
+        command="python scripts/bench_remote.py" + (" --quick" if quick else ""),
+        machine=machine_line(shared=True),
+        notes=f"Throttled goal met: {result['goal_met']} (prefetch keeps >= "
+        f"{GOAL_FRACTION_OF_BANDWIDTH} of the bandwidth); planted no-prefetch case detected: "
+        f"{result['planted_slow_detected']}. The S3 server is moto's emulator on loopback.",
+        path=path,
+    )
 
 
 if __name__ == "__main__":

@@ -384,6 +384,34 @@ def bench_dims(dims: int, root: Path, args: argparse.Namespace, device: torch.de
     return out
 
 
+def write_markdown(result: dict, path: str | None) -> None:
+    from benchmarks_md import machine_line, table, write_section
+
+    for dims, per in result["per_dims"].items():
+        variants = per.get("variants", {})
+        keys = sorted(
+            {k for v in variants.values() for k, x in v.items() if isinstance(x, (int, float))}
+        )
+        rows = [[name, *(v.get(k, "") for k in keys)] for name, v in variants.items()]
+        write_section(
+            f"train-{dims}",
+            f"Training, {dims} ({result['device']}, {result['threads']} threads, world size "
+            f"{result['world_size']})",
+            table(["variant", *keys], rows),
+            command="python scripts/bench_train.py "
+            + " ".join(
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in result["args"].items()
+                if k in ("dims", "window", "rounds") and v is not None
+            ),  # fmt: skip
+            machine=machine_line(shared=True),
+            notes=f"{result['headline']}. loader/compute {per.get('loader_vs_compute')}, "
+            f"data-wait {per.get('data_wait_fraction')}; the planted slow loader must show "
+            f"data-wait >= {SLOW_MIN_WAIT}: {result['slow_loader_data_wait'].get(dims)}.",
+            path=path,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", choices=("2", "3", "both"), default="both")
@@ -398,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ddp", action="store_true", help="under torchrun: DDP-wrap models even for one process"
     )
     parser.add_argument("--quick", action="store_true", help="tiny model and data (smoke test)")
+    parser.add_argument(
+        "--md", help="write the tables into this BENCHMARKS.md (default: the repo's, not --quick)"
+    )
     parser.add_argument("--override", action="append", default=[], help="config key=value")
     parser.add_argument("--compile-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -448,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         w is not None and w >= SLOW_MIN_WAIT for w in seen.values()
     )
     print(json.dumps(result))
+    if distributed.is_main() and (args.md or not args.quick):
+        write_markdown(result, args.md)
     if not result["method_sees_slow_loader"]:
         print(
             f"bench_train: error: the planted slow loader ({SLOW_FACTOR:g}x the step) shows "
