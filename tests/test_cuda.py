@@ -111,22 +111,57 @@ def test_fp16_non_finite_loss_counts_towards_max_bad_steps(tiny_args, tmp_path):
     assert "last good step 5" in last and "loss scale" in last
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="issue 18 §5 is open: one host sync remains per step, bool(isfinite(grad_norm)), "
+    "which decides whether AdamW may step (tests/test_step_syncs.py counts it on the CPU)",
+)
 def test_steady_state_training_steps_never_sync_with_the_host():
     """Issue 18 §5: `set_sync_debug_mode("error")` around steady-state steps of the real step.
 
-    Skeleton: `pipeline.train.train_step` (engineer A's one training step) is the entry point;
-    until it exists this fails with that message, so gpu_check.sh cannot report a pass.
+    The real `pipeline.step.train_step` on the real model, fused AdamW and bf16 autocast,
+    from pinned host batches as the loader delivers them. Strict xfail: once the last sync
+    is gone this passes, the xfail turns red, and the marker must go.
     """
-    import pipeline.train as train_module
+    import contextlib
 
-    train_step = getattr(train_module, "train_step", None)
-    if train_step is None:
-        pytest.fail("pipeline.train.train_step does not exist yet: no sync-debug check possible")
-    steady = getattr(train_module, "steady_state_steps", None)
-    if steady is None:
-        pytest.fail("pipeline.train.steady_state_steps(config, n) is needed to drive the window")
+    from pipeline.config import OptimConfig
+    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.runtime import autocast
+    from pipeline.step import StepParts, train_step
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(dims=2, in_channels=1, scales=(16, 32, 48), width=4, depth=2,
+                        features=16, hidden=16).to(device, memory_format=torch.channels_last)  # fmt: skip
+    optim = OptimConfig(lr=1e-3, warmup_steps=2, grad_clip=1.0)
+    optimizer = build_optimizer(model, optim, device)
+    parts = StepParts(
+        model, None, optimizer, build_scheduler(optimizer, optim, 100),
+        torch.amp.GradScaler("cuda", enabled=False),
+        nn.BCEWithLogitsLoss(pos_weight=torch.tensor(3.0, device=device)),
+        DeviceTransform([16, 32, 48], [0.0, 255.0], 0.0, 1.0, True, True),
+        lambda: autocast("bf16", device) if torch.cuda.is_bf16_supported() else contextlib.nullcontext(),
+        torch.Generator(device).manual_seed(0), device, grad_accum=1, grad_clip=1.0,
+        precision="bf16" if torch.cuda.is_bf16_supported() else "fp32",
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    batches = iter(
+        [
+            {
+                "patch": torch.randint(0, 256, (32, 1, 48, 48), dtype=torch.uint8, generator=gen).pin_memory(),
+                "label": torch.tensor([0, 1] * 16, dtype=torch.uint8).pin_memory(),
+            }
+            for _ in range(8)
+        ]
+    )  # fmt: skip
+    for _ in range(3):  # warm-up: cuDNN autotuning, allocator growth
+        train_step(parts, batches)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        steady(n=10)  # raises RuntimeError on the first synchronising call
+        for _ in range(5):
+            train_step(parts, batches)  # raises RuntimeError on a synchronising call
     finally:
         torch.cuda.set_sync_debug_mode("default")
