@@ -173,6 +173,11 @@ def s3_emulator() -> Iterator[dict[str, str]]:
     server.start()
     host, port = server.get_host_and_port()
     env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    # moto keeps its buckets in process-wide state: start every emulator empty, so a test
+    # never sees what an earlier test (or module) in the same pytest run uploaded.
+    import requests
+
+    requests.post(f"http://{host}:{port}/moto-api/reset", timeout=10).raise_for_status()
     try:
         yield env
     finally:

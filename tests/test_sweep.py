@@ -237,5 +237,6 @@ def _steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
-    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if '"train"' in x]
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    steps = [r["step"] for r in records if r["event"] == "train"]
     return max(steps, default=0)
