@@ -5,7 +5,12 @@
 
     for each of grad_accum micro-batches:          (no_sync on all but the last)
         forward under autocast -> loss / accum -> scaler.scale(loss).backward()
-    unscale -> clip -> [non-finite? skip] -> step -> update -> zero -> scheduler.step
+    unscale -> clip -> step (skipped on the device if non-finite) -> update -> zero -> schedule
+
+A steady-state step never waits for the device: the loss and the gradient norm stay
+device tensors until the log line, and the non-finite decision is taken on the device
+(the fused optimizers' `found_inf`, as GradScaler uses it). `NonFiniteSteps` reads the
+decisions at log time, so `train.max_bad_steps` is enforced up to `train.log_every` steps late.
 """
 
 from __future__ import annotations
@@ -57,8 +62,9 @@ class StepOutcome:
     loss: torch.Tensor
     """Mean loss over the micro-batches, on the device (read it at log time, not here)."""
     grad_norm: torch.Tensor
-    finite: bool
-    """False: the step was skipped (non-finite loss or gradient); the same on every rank."""
+    finite: torch.Tensor
+    """A device bool, False when the step was skipped (non-finite loss or gradient); read
+    it through `NonFiniteSteps`, not here (reading it is a host sync)."""
     wait_s: float
     """Seconds blocked waiting for the loader."""
     logits: torch.Tensor
@@ -98,23 +104,73 @@ def train_step(parts: StepParts, batches: Iterator[dict[str, Any]]) -> StepOutco
         parts.model.parameters(), parts.grad_clip or math.inf
     )
     if parts.precision == "fp16":
-        # GradScaler skips overflowing gradients and lowers its scale: routine. A
-        # non-finite loss is not (it must count towards max_bad_steps), and losses are
-        # per rank, so ranks agree on it in one small all-reduce.
-        finite = not distributed.any_rank(not bool(torch.isfinite(loss_sum)))[0]
+        # GradScaler skips overflowing gradients (found on the device) and lowers its scale:
+        # routine. A non-finite loss is not: it counts towards max_bad_steps. Losses are per
+        # rank; `NonFiniteSteps` agrees on them across ranks at log time.
+        finite = torch.isfinite(loss_sum)
+        parts.scaler.step(parts.optimizer)
     else:
         # Gradients are all-reduced: every rank sees the same norm and takes the same
-        # decision without talking to the others.
-        finite = bool(torch.isfinite(grad_norm))
-    if not finite and parts.buffers:
+        # decision without talking to the others. AdamW's moments must not see inf/nan.
+        finite = torch.isfinite(grad_norm)
+        _step_unless(parts.optimizer, finite)
+    if parts.buffers:
         with torch.no_grad():  # NaN BatchNorm statistics would poison every eval
-            torch._foreach_copy_(parts.buffers, parts.saved_buffers)
-    if finite or parts.precision == "fp16":
-        # Skip for fp32/bf16: AdamW's moments must not see inf/nan. fp16: GradScaler
-        # sees the inf/nan gradients and skips the step itself.
-        parts.scaler.step(parts.optimizer)
+            torch._foreach_copy_(
+                parts.buffers,
+                [torch.where(finite, b, s) for b, s in zip(parts.buffers, parts.saved_buffers)],
+            )
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
     assert first_logits is not None  # accum >= 1
     return StepOutcome(loss_sum, grad_norm.detach(), finite, wait, first_logits, bad_records)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """`optimizer.step()`, skipped when `finite` is False, without reading it on the host.
+
+    Fused optimizers take GradScaler's protocol: a `found_inf` device tensor makes the
+    kernel leave parameters, moments and step counters untouched. Others (a user's or a
+    non-fused one) need the host read; `build_optimizer` builds fused ones on CPU and CUDA.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
+
+
+class NonFiniteSteps:
+    """Counts skipped steps from the device flags, read once per log line.
+
+    `add` keeps each step's flag on the device; `read` (at log time, on every rank) moves
+    the window's flags to the host in one copy, ORs them across ranks together with the
+    stop request (one small all-reduce), and returns the steps skipped and the longest run
+    of consecutive skipped steps so far.
+    """
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.first_step = 0
+        self.in_a_row = 0
+
+    def add(self, step: int, finite: torch.Tensor) -> None:
+        if not self.flags:
+            self.first_step = step
+        self.flags.append(~finite)
+
+    def read(self, stop: bool) -> tuple[bool, list[tuple[int, int]]]:
+        """(stop agreed by any rank, [(skipped step, consecutive count)] in this window)."""
+        local = torch.stack(self.flags).tolist() if self.flags else []
+        stop, *skipped = distributed.any_rank(stop, *local)
+        events = []
+        for offset, bad in enumerate(skipped):
+            self.in_a_row = self.in_a_row + 1 if bad else 0
+            if bad:
+                events.append((self.first_step + offset, self.in_a_row))
+        self.flags = []
+        return stop, events

@@ -26,7 +26,7 @@ from pipeline.logit_check import LogitCheck
 from pipeline.optim import apply_optim_config
 from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
 from pipeline.runtime import autocast, resolve_precision, setup_logging
-from pipeline.step import StepParts, train_step
+from pipeline.step import NonFiniteSteps, StepParts, train_step
 from pipeline.stopping import StopRequest
 from pipeline.tracking import Tracker
 from pipeline.train_state import build_train_state
@@ -173,7 +173,7 @@ class Trainer:
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
         )
         stop = StopRequest(self.run_dir)
-        window, bad_steps = Window(), 0
+        window, skips = Window(), NonFiniteSteps()
         self.model.train()
         while state.step < max_steps:
             began = time.perf_counter()
@@ -186,26 +186,15 @@ class Trainer:
             if state.step - 1 in (start, start + 10) or (every and (state.step - 1) % every == 0):
                 self.logits.check(out.logits, state.step - 1)
 
-            bad_steps = 0 if out.finite else bad_steps + 1
-            if not out.finite:
-                tracker.warn(
-                    state.step - 1,
-                    f"non-finite loss/gradient at step {state.step}; "
-                    f"step skipped ({bad_steps} in a row)",
-                )
-            if bad_steps >= cfg.train.max_bad_steps:
-                self.save(improved=False)
-                raise TrainingDiverged(
-                    f"{bad_steps} consecutive non-finite steps; last good step {state.step - bad_steps}, "
-                    f"lr {state.scheduler.get_last_lr()[0]:.3g}, loss scale {state.scaler.get_scale():.3g}; "
-                    f"lower optim.lr or use train.precision=fp32"
-                )
+            skips.add(state.step, out.finite)
 
-            # Stop requests (signal, STOP file) are agreed with the log, one small
-            # all-reduce every log_every steps: all ranks stop at the same step.
+            # Stop requests (signal, STOP file) and skipped steps are agreed with the log,
+            # one small all-reduce every log_every steps: all ranks stop at the same step.
             stop_now = state.step == cfg.train.stop_at_step
             if state.step % cfg.train.log_every == 0 or state.step == max_steps:
-                stop_now = distributed.any_rank(stop.local())[0] or stop_now
+                requested, skipped = skips.read(stop.local())
+                stop_now = requested or stop_now
+                self.check_skipped(skipped)
                 tracker.log_train(state.step, self.train_metrics(window))
                 window = Window()
             paused = time.perf_counter()
@@ -224,6 +213,20 @@ class Trainer:
             window.started += time.perf_counter() - paused
         stop.consume_stale()
         return self.finish(stopped=False)
+
+    def check_skipped(self, skipped: list[tuple[int, int]]) -> None:
+        """Warn about each skipped step; stop after train.max_bad_steps in a row."""
+        for step, in_a_row in skipped:
+            message = f"non-finite loss/gradient at step {step}; step skipped ({in_a_row} in a row)"
+            self.tracker.warn(step - 1, message)
+            if in_a_row >= self.cfg.train.max_bad_steps:
+                self.save(improved=False)
+                raise TrainingDiverged(
+                    f"{in_a_row} consecutive non-finite steps; last good step {step - in_a_row}, "
+                    f"lr {self.state.scheduler.get_last_lr()[0]:.3g}, "
+                    f"loss scale {self.state.scaler.get_scale():.3g}; "
+                    f"lower optim.lr or use train.precision=fp32"
+                )
 
     def train_metrics(self, window: Window) -> dict[str, float]:
         values = window.values(sum(self.bad_records.values()))

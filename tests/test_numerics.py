@@ -81,3 +81,23 @@ def test_a_diverging_learning_rate_stops_with_a_finite_checkpoint(shards, tmp_pa
     for name, tensor in kept["model"].items():
         if tensor.is_floating_point():
             assert torch.isfinite(tensor).all(), f"{name} is not finite in last.pt"
+
+
+def test_skipped_steps_are_read_at_the_log_line_and_still_stop_the_run(shards, tmp_path):
+    # The skip is decided on the device each step; the host learns of it at the next log
+    # line (here every 5 steps), so the run stops at step 10, not 8, with the same verdict.
+    run_dir = tmp_path / "run"
+    args = _args(
+        shards,
+        run_dir,
+        "train.log_every=5",
+        "model.target=tests.faults:FaultyNet",
+        "model.kwargs={fault: nan, at: 6}",  # every training step from 6 on gives NaN
+    )
+    line = _diverged_line(run_cli(args, cli_env(tmp_path)))
+    assert "last good step 5, lr " in line
+    kept = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    good = checkpoint.load(run_dir / "checkpoints" / "step-00000005.pt")
+    assert kept["step"] == 10
+    for name, tensor in good["model"].items():
+        assert torch.equal(kept["model"][name], tensor), name
