@@ -116,10 +116,8 @@ def train_step(parts: StepParts, batches: Iterator[dict[str, Any]]) -> StepOutco
         _step_unless(parts.optimizer, finite)
     if parts.buffers:
         with torch.no_grad():  # NaN BatchNorm statistics would poison every eval
-            torch._foreach_copy_(
-                parts.buffers,
-                [torch.where(finite, b, s) for b, s in zip(parts.buffers, parts.saved_buffers)],
-            )
+            pairs = zip(parts.buffers, parts.saved_buffers, strict=True)
+            torch._foreach_copy_(parts.buffers, [torch.where(finite, b, s) for b, s in pairs])
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()

@@ -106,4 +106,4 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted_at_log_time():
     parts.criterion = finite_loss
     skips.add(3, train_step(parts, batches).finite)
     assert skips.read(stop=False) == (False, [(2, 1)])
-    assert not any(torch.equal(a, b) for a, b in zip(params, parts.model.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(params, parts.model.parameters(), strict=True))
