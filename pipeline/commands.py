@@ -23,6 +23,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         help="dotlist overrides, e.g. optim.lr=3e-4; W&B agents' --optim.lr=3e-4 works too",
     )
+    parser.add_argument(
+        "--preflight",
+        action="store_true",
+        help="only check the config and that run.dir is not held by a live job, then exit "
+        "(the SLURM scripts run this before torchrun: one line instead of a failure per process)",
+    )
     parser.set_defaults(func=run_train)
 
 
@@ -56,6 +62,11 @@ def run_train(args: argparse.Namespace) -> int:
     from pipeline.train import train
 
     cfg = config_module.load(args.config, args.overrides)
+    if args.preflight:
+        from pipeline import run_lock
+
+        run_lock.check_free(requested_run_dir(cfg.run.dir))
+        return 0
     main = distributed.detect_env().rank == 0
     if main:  # under slurm/sweep.sbatch: how to restart this run after a requeue
         argv = ["train", *(["--config", args.config] if args.config else []), *args.overrides]

@@ -258,6 +258,35 @@ def acquire(run_cfg: Any) -> None:
         raise RunDirInUse(problem)
 
 
+def check_free(run_dir: Path) -> None:
+    """Raise RunDirInUse if a live job holds `run_dir`'s lock; take and write nothing.
+
+    `pipeline train --preflight` (the SLURM scripts, before torchrun) calls it, so a second
+    job on a live run dir fails in one line before any training process starts. The lock
+    is still taken by the run itself: this check only answers early, it does not reserve.
+    """
+    path = Path(run_dir) / LOCK_NAME
+    held = _read(path)
+    if held is None or not path.parent.is_dir():
+        return
+    me = holder_record()
+    probe = path.with_name(f".{LOCK_NAME}.{me['token']}")
+    try:  # "now" as the filesystem sees it, as in RunLock.acquire
+        probe.write_text("")
+        age = probe.stat().st_mtime - path.stat().st_mtime
+    except FileNotFoundError:
+        return  # released while we looked
+    except OSError:
+        age = time.time() - path.stat().st_mtime  # read-only here: the run itself will tell
+    finally:
+        probe.unlink(missing_ok=True)
+    if stale_reason(held, age, me) is None:
+        raise RunDirInUse(
+            f"run.dir {path.parent} is in use by {describe(held)} "
+            f"(lock {path}); wait for it, stop it, or use another run.dir"
+        )
+
+
 def release() -> None:
     """Release this process's run lock (a no-op when it holds none); safe to call twice."""
     global _HELD

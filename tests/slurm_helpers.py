@@ -216,7 +216,8 @@ def write_dummy_trainer(directory: Path, module: str = "dummytrain") -> dict[str
     (pkg / "__init__.py").write_text("")
     (pkg / "__main__.py").write_text(DUMMY_TRAINER)
     pythonpath = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {"PIPELINE_MODULE": module, "PYTHONPATH": pythonpath}
+    # The preflight checks a real pipeline config; the stand-in takes none.
+    return {"PIPELINE_MODULE": module, "PYTHONPATH": pythonpath, "PIPELINE_PREFLIGHT": "0"}
 
 
 def rank_records(run_dir: Path, start: int = 0) -> list[dict[str, str]]:

@@ -236,3 +236,26 @@ def small_data(tmp_path_factory) -> Path:
     from tests.faults import small_shards
 
     return small_shards(tmp_path_factory.mktemp("lock_shards"), n_train=256, n_val=32)
+
+
+def test_preflight_refuses_a_live_lock_in_one_line_and_writes_nothing(small_data, tmp_path):
+    # What the SLURM scripts run before torchrun (`pipeline train --preflight`).
+    run, env = tmp_path / "run", cli_env(tmp_path)
+    _plant(run, age_s=10)  # a live holder on another host
+    live = run_cli(["train", "--preflight", *_short(small_data, run)[1:]], env, 60)
+    assert live.returncode == 2, live.stderr[-3000:]
+    assert live.stderr.strip().splitlines() == [
+        line for line in live.stderr.splitlines() if "in use by pid 4000000 on other-host" in line
+    ]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", LOCK_NAME]
+
+    _plant(run, age_s=3600)  # a stale one: the run itself will take it over
+    stale = run_cli(["train", "--preflight", *_short(small_data, run)[1:]], env, 60)
+    assert stale.returncode == 0 and not stale.stderr.strip(), stale.stderr
+    assert json.loads((run / LOCK_NAME).read_text())["token"] == "planted"  # left alone
+
+    fresh = tmp_path / "fresh"
+    free = run_cli(["train", "--preflight", *_short(small_data, fresh)[1:]], env, 60)
+    assert free.returncode == 0 and not fresh.exists(), free.stderr
+    bad = run_cli(["train", "--preflight", *_short(small_data, fresh)[1:], "optim.lr=-1"], env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

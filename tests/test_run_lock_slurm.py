@@ -49,11 +49,11 @@ def test_second_sbatch_on_a_run_dir_in_use_fails_naming_the_first_job(tiny_shard
         info = wait_for_state(second, "FAILED", timeout=180)
         seconds = time.monotonic() - submitted
         log = log_text(second)
-        # Our process exits 2; torchrun reports that as its own exit 1 (and its summary).
-        assert "exitcode  : 2" in log and info["ExitCode"].startswith("1:"), info
-        errors = [line for line in log.splitlines() if line.startswith("pipeline train: error:")]
-        after_start = log.split("-m pipeline train", 1)[1].splitlines()[1:]
-        assert len(errors) == 1, errors
+        # `pipeline train --preflight` refuses it before torchrun starts: exit 2, one line.
+        assert info["ExitCode"].startswith("2:"), info
+        lines = log.strip().splitlines()
+        errors = [line for line in lines if line.startswith("pipeline train: error:")]
+        assert len(errors) == 1 and lines == errors, lines
         assert re.search(rf"in use by pid \d+ on \S+ \(SLURM job {first}, restart 0\)", errors[0])
         # The first job never noticed: it still trains, and stops cleanly on request.
         assert job_info(first)["JobState"] == "RUNNING"
@@ -65,6 +65,6 @@ def test_second_sbatch_on_a_run_dir_in_use_fails_naming_the_first_job(tiny_shard
                 cancel(job)
     assert not (run / LOCK_NAME).exists()
     assert (run / "checkpoints" / "last.pt").exists()
-    record("second sbatch on a live run dir (lines: torchrun adds its failure summary)",
+    record("second sbatch on a live run dir (refused by the preflight, before torchrun)",
            exit_code=int(info["ExitCode"].split(":")[0]), seconds=seconds,
-           lines=len(after_start), checkpoint_ok=True, launcher="sbatch+torchrun")  # fmt: skip
+           lines=len(lines), checkpoint_ok=True, launcher="sbatch+torchrun")  # fmt: skip
