@@ -5,7 +5,7 @@ scikit-learn's (`roc_curve(drop_intermediate=False)`, `precision_recall_curve`,
 `roc_auc_score`, `average_precision_score`). Tied scores form one threshold step, as in
 sklearn. Rank metrics use only the order of the scores, so logits and their sigmoids give
 the same values (unless float saturation makes distinct logits equal probabilities).
-Gathering predictions across ranks is `distributed.py`'s job; these functions take the
+Gathering predictions across ranks is `pipeline.distributed`'s job; these functions take the
 complete arrays.
 
 Conventions:

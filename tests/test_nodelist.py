@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline.distributed import _hostnames, expand_nodelist, first_host, hostnames
+from pipeline.distributed.nodelist import _hostnames, expand_nodelist, first_host, hostnames
 from tests.conftest import ROOT
 from tests.slurm_helpers import PARTITION, requires_slurm
 

@@ -1,25 +1,17 @@
 """torchrun / SLURM / single-process environments, the process group, and rank helpers.
 
-The only module that touches `torch.distributed`. Everything else asks `is_main()` or calls
-the collective helpers here, which are no-ops in a single process.
+The only package that touches `torch.distributed`. Everything else asks `is_main()` or
+calls the collective helpers here, which are no-ops in a single process. SLURM nodelists
+are read in `nodelist.py`; the watcher that ends every rank when one fails is
+`failure_watch.py` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
-import itertools
-import json
 import logging
 import os
-import re
-import shutil
 import socket
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,66 +38,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Every hostname of a SLURM nodelist, in SLURM's order, without asking SLURM.
-
-    `gpu[01-03,7]` -> gpu01 gpu02 gpu03 gpu7 (a range keeps the zero padding of its
-    start), `rack[1-2]-node[01-02]` -> rack1-node01 rack1-node02 rack2-node01 ...
-    (several brackets multiply, the last varies fastest), `gpu[01-02]-ib` keeps the
-    suffix, and commas outside brackets separate entries.
-    """
-    hosts: list[str] = []
-    for entry in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
-        # Alternating literal text and bracket bodies: "rack", "1-2", "-node", "01-02", "".
-        parts = re.split(r"\[([^\]]*)\]", entry)
-        choices: list[list[str]] = []
-        for index, part in enumerate(parts):
-            choices.append(_expand_ranges(part) if index % 2 else [part])
-        hosts.extend("".join(combo) for combo in itertools.product(*choices))
-    return hosts
-
-
-def _expand_ranges(body: str) -> list[str]:
-    out: list[str] = []
-    for item in body.split(","):
-        start, _, stop = item.partition("-")
-        if not start.isdigit() or (stop and not stop.isdigit()):
-            out.append(item)  # not a range SLURM writes: keep it as text rather than fail
-            continue
-        width = len(start) if start.startswith("0") else 1
-        out.extend(f"{n:0{width}d}" for n in range(int(start), int(stop or start) + 1))
-    return out
-
-
-def hostnames(nodelist: str) -> list[str]:
-    """The nodelist's hostnames: `scontrol show hostnames` where it exists (SLURM's own
-    reading, site extensions included), else `expand_nodelist`."""
-    return list(_hostnames(nodelist))
-
-
-@functools.lru_cache(maxsize=8)  # detect_env runs more than once per process
-def _hostnames(nodelist: str) -> tuple[str, ...]:
-    if shutil.which("scontrol"):
-        try:
-            out = subprocess.run(
-                ["scontrol", "show", "hostnames", nodelist],
-                capture_output=True,
-                text=True,
-                timeout=15,
-            )
-            if out.returncode == 0 and out.stdout.split():
-                return tuple(out.stdout.split())
-        except (OSError, subprocess.SubprocessError):
-            pass  # a broken SLURM client: our own parser reads the same syntax
-    return tuple(expand_nodelist(nodelist))
-
-
-def first_host(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as `gpu[03-05,09],login1` -> `gpu03`."""
-    names = hostnames(nodelist) if nodelist.strip() else []
-    return names[0] if names else nodelist
 
 
 def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
@@ -217,7 +149,7 @@ def shutdown() -> None:
     the collection the group's gloo threads would outlive destroy_process_group and die in
     interpreter teardown, which can abort ("terminate called without an active exception").
     """
-    if dist.is_initialized() and not _WATCH.get("abandoned"):
+    if dist.is_initialized() and not abandoned():
         gc.collect()
         dist.destroy_process_group()
 
@@ -308,125 +240,22 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
-# -- a failure on one rank ends every rank -------------------------------------------------
-# A rank that fails while the others wait in a collective would leave them waiting up to
-# dist.timeout_s. So the failing rank writes one key into the rendezvous store (torchrun's
-# agent store, or rank 0's TCPStore under srun), and every rank runs a watcher thread
-# that polls for it and ends its process at once, saying which rank failed and why.
-_WATCH: dict[str, Any] = {}
-POLL_S = 0.25
-GRACE_S = 0.5  # for this rank's own error to arrive when all ranks raise it together
-LINGER_S = 1.5  # the failing rank exits first, so launchers report it as the culprit
+from pipeline.distributed.failure_watch import (  # noqa: E402 - they use the helpers above
+    abandon,
+    abandoned,
+    announce_failure,
+    start_failure_watch,
+    stop_failure_watch,
+)
+from pipeline.distributed.nodelist import expand_nodelist, first_host, hostnames  # noqa: E402
 
-
-def _failure_key() -> str:
-    # torchrun keeps one store across restarts: a dead attempt's key must not end the next.
-    return f"pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-def _store_client(timeout_s: float) -> Any:
-    return dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timedelta(seconds=timeout_s),
-        wait_for_workers=False,
-    )
-
-
-def start_failure_watch(command: str) -> None:
-    """Every rank: end this process when another rank announces a failure."""
-    if not dist.is_initialized() or _WATCH:
-        return
-    try:
-        store = _store_client(30.0)
-    except Exception as exc:  # noqa: BLE001 - a watcher we cannot start must not stop training
-        log.warning("failure watcher not started (%s); a failing rank ends others late", exc)
-        return
-    done, failing = threading.Event(), threading.Event()
-    _WATCH.update(store=store, done=done, failing=failing)
-    me = _ENV.rank
-
-    def watch() -> None:
-        lost = 0
-        while not done.wait(POLL_S):
-            try:
-                if not store.check([_failure_key()]):
-                    lost = 0
-                    continue
-                failed = json.loads(store.get(_failure_key()))
-            except Exception:  # noqa: BLE001 - the store's host (rank 0 under srun) is gone
-                lost += 1
-                if lost < 4 or done.is_set():
-                    continue
-                failed = {"rank": 0, "message": "the rendezvous store is gone", "exit_code": 1}
-            if failed["rank"] == me or done.is_set():
-                continue
-            # Ranks often raise the same error together (a config or data check they all
-            # make): give this rank's own error a moment to arrive and speak for itself.
-            if failing.wait(GRACE_S):
-                return
-            print(
-                f"[rank {me}] pipeline {command}: error: stopping: rank {failed['rank']} "
-                f"failed: {failed['message']}",
-                file=sys.stderr,
-                flush=True,
-            )
-            _WATCH["reported"] = int(failed["exit_code"])
-            time.sleep(LINGER_S)
-            os._exit(int(failed["exit_code"]))
-
-    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
-
-
-def stop_failure_watch() -> None:
-    """Before a clean shutdown: rank 0's store goes away then, which is not a failure."""
-    if _WATCH:
-        _WATCH["done"].set()
-
-
-def announce_failure(message: str, exit_code: int) -> dict[str, Any] | None:
-    """This rank failed: tell the others (first failure wins). Returns the failure on
-    record when another rank had already announced one (then this error is its echo)."""
-    store = _WATCH.get("store")
-    if store is None:
-        return None
-    if "reported" in _WATCH:  # the watcher already said which rank failed: this is its echo
-        os._exit(_WATCH["reported"])
-    _WATCH["failing"].set()
-    record = json.dumps({"rank": _ENV.rank, "message": message, "exit_code": exit_code})
-    try:
-        first = store.compare_set(_failure_key(), "", record)
-        first = json.loads(first)
-    except Exception:  # noqa: BLE001 - the store is gone: nobody left to tell
-        return None
-    if first["rank"] != _ENV.rank:
-        return first
-    # The others' watchers see it (and print their line) before our sockets close.
-    time.sleep(POLL_S + GRACE_S + 0.5)
-    return None
-
-
-def abandon(exit_code: int) -> None:
-    """After a failure: leave the process group as it is and end the process with
-    `exit_code` once the CLI has printed its line.
-
-    Tearing the group down can block while a peer still waits in a collective, and gloo
-    threads left running abort the interpreter's own teardown; so the process ends from
-    an atexit hook (which runs before that teardown) with the exit code it meant.
-    """
-    if not dist.is_initialized():
-        return
-    first = not _WATCH.get("abandoned")
-    _WATCH["abandoned"], _WATCH["exit_code"] = True, exit_code
-    if not first:
-        return
-    import atexit
-
-    def leave() -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(_WATCH["exit_code"])
-
-    atexit.register(leave)
+__all__ = [
+    "abandon",
+    "abandoned",
+    "announce_failure",
+    "expand_nodelist",
+    "first_host",
+    "hostnames",
+    "start_failure_watch",
+    "stop_failure_watch",
+]
