@@ -1,0 +1,193 @@
+"""A world size / num_workers change mid-epoch continues the epoch: no sample read twice.
+
+The stream-level tests read real shards (uneven sizes, partial last records, chunks that
+span shards) through the real training readers (`worker_batches`): first the old
+topology up to the checkpoint's position, then the new one from the plan that a resume
+builds (`resume_stream.plan_of`). Every patch carries its sample's index in its first
+bytes (checked against the ids in meta.json), so each emitted sample is identified.
+For each epoch the change interrupted: every sample is read at most once, and the ones
+never read are exactly `Plan.skipped` many, at most what the old shuffle buffers held.
+The previous behaviour (each new reader restarts from the seeds and skips as many
+batches as its rank consumed) reads samples twice, and the same check catches it.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.data.format import expand_shards, manifest_counts, update_manifest, write_shard
+from pipeline.data.loader import StreamSpec, read_blocks, worker_batches
+from pipeline.data.position import Plan, epoch_units, first_epoch
+from pipeline.data.problems import ProblemLog
+from pipeline.data.transition import BlockIndex, emitted
+from pipeline.resume_stream import plan_of
+
+SIZES = [43, 70, 56, 24, 61, 48, 37, 66]  # samples per shard: partial last records
+BLOCK = 8
+BUFFER = 3  # data.shuffle_blocks
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("topology_shards")
+    rng = np.random.default_rng(0)
+    infos, start = [], 0
+    for index, n in enumerate(SIZES):
+        patch = rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
+        ids = np.arange(start, start + n, dtype="<u4")
+        patch.reshape(n, -1)[:, :4] = ids.view(np.uint8).reshape(n, 4)  # the id, in the pixels
+        label = (ids % 4 == 0).astype(np.uint8)
+        infos.append(
+            write_shard(
+                out / f"train-{index:06d}.tar",
+                patch,
+                label,
+                [str(i) for i in ids],
+                block_size=BLOCK,
+            )
+        )
+        start += n
+    update_manifest(out, "train", infos, patch_shape=(1, 8, 8), dtype="uint8")
+    return expand_shards(str(out / "train-*.tar"))
+
+
+def _ids(patch: np.ndarray) -> list[int]:
+    n = len(patch)
+    return np.ascontiguousarray(patch.reshape(n, -1)[:, :4]).view("<u4").reshape(n).tolist()
+
+
+def test_pixels_carry_the_meta_ids(shards):
+    for block in read_blocks(shards, "fail", ProblemLog()):
+        assert _ids(block.patch) == [int(i) for i in block.ids]
+
+
+def _base(shards: list[str]) -> StreamSpec:
+    counts = [manifest_counts(shards)[s].samples for s in shards]
+    return StreamSpec(shards, BATCH, seed=5, shuffle_blocks=BUFFER, counts=counts)
+
+
+def _segment(step: int, world: int, workers: int) -> dict[str, int]:
+    return dict(
+        step=step,
+        world_size=world,
+        num_workers=workers,
+        batch_size=BATCH,
+        grad_accum=1,
+        shuffle_blocks=BUFFER,
+    )
+
+
+def _index(shards: list[str]) -> BlockIndex:
+    infos = manifest_counts(shards)
+    return BlockIndex(shards, [infos[s].samples for s in shards], [infos[s].blocks for s in shards])
+
+
+def _reader_ids(spec: StreamSpec, worker: int, workers: int, skip: int, wanted: int) -> list[int]:
+    """The first `wanted` sample ids one reader emits after skipping `skip` batches."""
+    ids: list[int] = []
+    for batch in worker_batches(spec, worker, workers, skip):
+        if len(ids) >= wanted:
+            break
+        ids.extend(_ids(batch["patch"].numpy()))
+    return ids[:wanted]
+
+
+def _share(plan: Plan, reader: int) -> int:
+    return sum(u.samples for epoch in plan.epochs for u in epoch[reader])
+
+
+def _read(base: StreamSpec, seg: dict, plan: Plan | None, consumed: int | None):
+    """{epoch: sample ids} a segment's readers emit: `consumed` batches per rank, or (None)
+    exactly the epochs its plan continues."""
+    workers = max(seg["num_workers"], 1)
+    by_epoch: dict[int, list[int]] = collections.defaultdict(list)
+    for rank in range(seg["world_size"]):
+        spec = replace(
+            base, rank=rank, world_size=seg["world_size"], num_workers=seg["num_workers"], plan=plan
+        )
+        for worker in range(workers):
+            if consumed is None:
+                wanted = _share(plan, rank * workers + worker)
+            else:
+                wanted = emitted(consumed, worker, workers, BATCH)
+            ids = _reader_ids(spec, worker, workers, 0, wanted)
+            epoch = first_epoch(spec)
+            while ids:
+                n = sum(u.samples for u in epoch_units(spec, epoch, worker, workers))
+                by_epoch[epoch].extend(ids[:n])
+                ids, epoch = ids[n:], epoch + 1
+    return by_epoch
+
+
+def _restart(base: StreamSpec, seg: dict, plan: Plan) -> list[int]:
+    """The previous behaviour: each new reader replays its own stream from the seeds and
+    skips its share of the batches its rank consumed (as TrainStream does), then reads as
+    many samples as the plan deals it."""
+    workers = max(seg["num_workers"], 1)
+    ids = []
+    for rank in range(seg["world_size"]):
+        spec = replace(
+            base, rank=rank, world_size=seg["world_size"], num_workers=seg["num_workers"]
+        )
+        for worker in range(workers):
+            skip = seg["step"] // workers + (1 if worker < seg["step"] % workers else 0)
+            ids += _reader_ids(spec, worker, workers, skip, _share(plan, rank * workers + worker))
+    return ids
+
+
+def _check_epochs(
+    epochs: range, reads: list[dict[int, list[int]]], skipped: int, total: int
+) -> None:
+    """Each epoch: no sample twice; `skipped` samples never read, all epochs together."""
+    missing = 0
+    for epoch in epochs:
+        seen = [i for read in reads for i in read.get(epoch, [])]
+        twice = [i for i, n in collections.Counter(seen).items() if n > 1]
+        assert not twice, f"epoch {epoch}: {len(twice)} samples read twice, e.g. {twice[:5]}"
+        missing += total - len(set(seen))
+    assert missing == skipped, f"{missing} samples never read, the plan says {skipped} skipped"
+
+
+CASES = {
+    "2->1 ranks": [(0, 2, 0), (7, 1, 0)],
+    "1->2 ranks": [(0, 1, 0), (13, 2, 0)],
+    "2->1 workers": [(0, 1, 2), (11, 1, 1)],
+    "2x2->1x3 readers": [(0, 2, 2), (5, 1, 3)],
+    "later epochs, readers apart": [(0, 2, 2), (45, 1, 2)],
+    "2->1->2 ranks in one epoch": [(0, 2, 0), (6, 1, 0), (15, 2, 0)],
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_topology_change_reads_each_sample_of_the_epoch_at_most_once(shards, case):
+    base, index = _base(shards), _index(shards)
+    segments = [_segment(*row) for row in CASES[case]]
+    reads, plans = [], []
+    for k, seg in enumerate(segments):
+        plan = plan_of(segments[: k + 1], base, index)
+        plans.append(plan)
+        if k + 1 < len(segments):
+            reads.append(_read(base, seg, plan, segments[k + 1]["step"] - seg["step"]))
+    final = plans[-1]
+    reads.append(_read(base, segments[-1], final, None))
+    epochs = range(final.first_epoch, final.first_epoch + len(final.epochs))
+    skipped = sum(p.skipped for p in plans if p is not None)
+    _check_epochs(epochs, reads, skipped, sum(SIZES))
+    assert base.problems.count == 0, "every record read whole (none cut by a skip)"
+    # What sat in a shuffle buffer is at most one chunk per old reader.
+    old = segments[-2]
+    assert final.skipped <= old["world_size"] * max(old["num_workers"], 1) * BUFFER * BLOCK
+    assert final.remaining == sum(len(v) for v in reads[-1].values())
+    if case == "later epochs, readers apart":
+        assert len(final.epochs) > 1, "the case should put old readers in different epochs"
+
+    # The previous behaviour, planted: the same check finds samples read twice.
+    if len(final.epochs) == 1:
+        restarted = {epochs[0]: _restart(base, segments[-1], final)}
+        with pytest.raises(AssertionError, match="read twice"):
+            _check_epochs(epochs, [*reads[:-1], restarted], skipped, sum(SIZES))
