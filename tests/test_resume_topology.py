@@ -18,13 +18,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from pipeline import checkpoint
 from pipeline.data.format import expand_shards, manifest_counts, update_manifest, write_shard
-from pipeline.data.loader import StreamSpec, read_blocks, worker_batches
-from pipeline.data.position import Plan, epoch_units, first_epoch
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader, read_blocks, worker_batches
+from pipeline.data.position import Plan, epoch_units, first_epoch, start_epoch
 from pipeline.data.problems import ProblemLog
-from pipeline.data.transition import BlockIndex, emitted
+from pipeline.data.transition import BlockIndex
 from pipeline.resume_stream import plan_of
+from tests.conftest import cli_env, run_cli, run_torchrun, train_args
 
 SIZES = [43, 70, 56, 24, 61, 48, 37, 66]  # samples per shard: partial last records
 BLOCK = 8
@@ -102,25 +105,33 @@ def _share(plan: Plan, reader: int) -> int:
 
 
 def _read(base: StreamSpec, seg: dict, plan: Plan | None, consumed: int | None):
-    """{epoch: sample ids} a segment's readers emit: `consumed` batches per rank, or (None)
-    exactly the epochs its plan continues."""
+    """{epoch: sample ids} a segment's readers emit: `consumed` batches per rank, taken
+    from its real DataLoader (worker processes, round-robin), or (None) exactly the epochs
+    its plan continues, reader by reader."""
     workers = max(seg["num_workers"], 1)
-    by_epoch: dict[int, list[int]] = collections.defaultdict(list)
+    per_reader: dict[int, list[int]] = collections.defaultdict(list)
     for rank in range(seg["world_size"]):
         spec = replace(
             base, rank=rank, world_size=seg["world_size"], num_workers=seg["num_workers"], plan=plan
         )
+        if consumed is not None:
+            loader = build_loader(TrainStream(spec), seg["num_workers"], False, 2)
+            for batch, _ in zip(loader, range(consumed), strict=False):
+                worker = int(batch["bad_records"][0])  # the logical worker that read it
+                per_reader[rank * workers + worker] += _ids(batch["patch"].numpy())
+            continue
         for worker in range(workers):
-            if consumed is None:
-                wanted = _share(plan, rank * workers + worker)
-            else:
-                wanted = emitted(consumed, worker, workers, BATCH)
-            ids = _reader_ids(spec, worker, workers, 0, wanted)
-            epoch = first_epoch(spec)
-            while ids:
-                n = sum(u.samples for u in epoch_units(spec, epoch, worker, workers))
-                by_epoch[epoch].extend(ids[:n])
-                ids, epoch = ids[n:], epoch + 1
+            wanted = _share(plan, rank * workers + worker)
+            per_reader[rank * workers + worker] = _reader_ids(spec, worker, workers, 0, wanted)
+    by_epoch: dict[int, list[int]] = collections.defaultdict(list)
+    for reader, ids in per_reader.items():
+        rank, worker = divmod(reader, workers)
+        spec = replace(base, rank=rank, world_size=seg["world_size"], plan=plan)
+        epoch = first_epoch(spec)
+        while ids:
+            n = sum(u.samples for u in epoch_units(spec, epoch, worker, workers))
+            by_epoch[epoch].extend(ids[:n])
+            ids, epoch = ids[n:], epoch + 1
     return by_epoch
 
 
@@ -191,3 +202,47 @@ def test_topology_change_reads_each_sample_of_the_epoch_at_most_once(shards, cas
         restarted = {epochs[0]: _restart(base, segments[-1], final)}
         with pytest.raises(AssertionError, match="read twice"):
             _check_epochs(epochs, [*reads[:-1], restarted], skipped, sum(SIZES))
+
+
+def test_a_resume_after_the_change_replays_the_new_stream_exactly(shards):
+    """A requeue after the change (same new topology) continues the plan bit for bit,
+    replaying from a later epoch when it can."""
+    base, index = _base(shards), _index(shards)
+    segments = [_segment(0, 2, 0), _segment(7, 1, 2)]
+    spec = replace(base, world_size=1, num_workers=2, plan=plan_of(segments, base, index))
+
+    def batches(consumed: int, n: int) -> list:
+        loader = build_loader(TrainStream(replace(spec, consumed=consumed)), 2, False, 2)
+        return [b["patch"].clone() for b, _ in zip(loader, range(n), strict=False)]
+
+    straight = batches(0, 140)
+    for consumed in (5, 120):
+        resumed = batches(consumed, 140 - consumed)
+        assert all(torch.equal(a, b) for a, b in zip(straight[consumed:], resumed, strict=True))
+    # At 120 batches both readers are well past the plan's epoch: the replay skips it unread.
+    assert start_epoch(spec, 0, 2, 60)[0] > spec.plan.first_epoch
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_as_one_continue_the_epoch_end_to_end(tiny_shards, tmp_path):
+    """torchrun with 2 ranks stops mid-epoch; one plain process resumes and trains on."""
+    env, run_dir = cli_env(tmp_path), tmp_path / "run"
+    common = ("train.max_steps=14", "train.eval_every=1000", "checkpoint.every_steps=1000")
+    first = run_torchrun(2, train_args(tiny_shards, run_dir, *common, "train.stop_at_step=10"), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(train_args(tiny_shards, run_dir, *common), env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # tiny: 4 shards of 512 samples in records of 64, batch 32, shuffle_blocks 4. Each old
+    # reader (one per rank) had emitted 10 x 32 = 320 samples of its 1024: records 0-3
+    # (chunk 0) and 64 of chunk 1 (records 4-7), whose other 192 sat in its buffer.
+    line = (
+        "resume: data readers 2 rank(s) x 1 reader(s) (batch 32) -> 1 rank(s) x 1 reader(s) "
+        "(batch 32) at step 10: epoch 0 continues; 384 samples skipped from the old readers' "
+        "shuffle buffers, 1024 samples left in the epoch"
+    )
+    assert second.stderr.count(line) == 1, second.stderr[-3000:]
+    assert "world size changed (2 -> 1): RNG streams restart" in second.stderr
+    assert "data order restarts from the seeds" not in second.stderr
+    final = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert final["step"] == 14
+    assert [s["world_size"] for s in final["loader"]["segments"]] == [2, 1]
