@@ -116,7 +116,7 @@ def resume_stream(
     every rank gets its decision."""
     result = None
     if distributed.is_main():
-        result = _decide(
+        result = decide(
             saved, cfg, world_size, state.step, sources.train, sources.train_counts,
             state.data_problems,
         )  # fmt: skip
@@ -127,12 +127,12 @@ def resume_stream(
                 "epoch may repeat)",
                 result.message,
             )
-        elif result.message:
+        elif result.message and result.plan is not None:
             log.info("%s", result.message)
     return distributed.broadcast_object(result)
 
 
-def _decide(
+def decide(
     saved: dict[str, Any],
     cfg: Config,
     world_size: int,
@@ -141,25 +141,28 @@ def _decide(
     counts: list[int] | None,
     data_problems: bool,
 ) -> StreamResume:
+    """The segments to keep and the plan to read by (rank 0; `resume_stream` shares it)."""
     now = topology(cfg, world_size, step)
     segments = saved_segments(saved)
-    last = segments[-1] if segments else None
-    changed = last is None or any(last[k] != now[k] for k in KEYS)
-    if changed and (segments is None or counts is None or data_problems):
-        why = "records were skipped as bad" if data_problems else "no manifest counts"
-        return StreamResume([], None, why if segments else "no saved topology", fallback=True)
+    if segments is None:  # a checkpoint older than the contract: the plain stream
+        moved = len(saved.get("rng", [])) != world_size
+        return StreamResume([], None, "the checkpoint records no data topology", moved)
+    changed = any(segments[-1][k] != now[k] for k in KEYS)
+    if changed and data_problems:
+        return StreamResume([], None, "records were skipped as bad", fallback=True)
     if changed:
-        segments = [*segments, now]  # type: ignore[misc]
-    assert segments is not None
+        segments = [*segments, now]
     if len(segments) == 1:
         return StreamResume(segments, None)
+    if counts is None:
+        return StreamResume([], None, "no manifest counts", fallback=True)
     base = StreamSpec(shards, cfg.train.batch_size, cfg.train.seed, counts=counts)
     infos = manifest_counts(shards)
     blocks = [infos[s].blocks for s in shards] if len(infos) == len(shards) else None
     try:
-        plan = plan_of(segments, base, BlockIndex(shards, counts, blocks))  # type: ignore[arg-type]
+        plan = plan_of(segments, base, BlockIndex(shards, counts, blocks))
     except PipelineError as exc:
-        return StreamResume([], None, str(exc), fallback=changed)
+        return StreamResume([], None, str(exc), fallback=True)
     if not changed:
         return StreamResume(segments, plan)
     assert plan is not None

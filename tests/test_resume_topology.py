@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, config
 from pipeline.data.format import expand_shards, manifest_counts, update_manifest, write_shard
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader, read_blocks, worker_batches
 from pipeline.data.position import Plan, epoch_units, first_epoch, start_epoch
 from pipeline.data.problems import ProblemLog
 from pipeline.data.transition import BlockIndex
-from pipeline.resume_stream import plan_of
-from tests.conftest import cli_env, run_cli, run_torchrun, train_args
+from pipeline.resume_stream import decide, plan_of
+from tests.conftest import TINY, cli_env, run_cli, run_torchrun, train_args
 
 SIZES = [43, 70, 56, 24, 61, 48, 37, 66]  # samples per shard: partial last records
 BLOCK = 8
@@ -74,12 +74,12 @@ def _base(shards: list[str]) -> StreamSpec:
     return StreamSpec(shards, BATCH, seed=5, shuffle_blocks=BUFFER, counts=counts)
 
 
-def _segment(step: int, world: int, workers: int) -> dict[str, int]:
+def _segment(step: int, world: int, workers: int, batch: int = BATCH) -> dict[str, int]:
     return dict(
         step=step,
         world_size=world,
         num_workers=workers,
-        batch_size=BATCH,
+        batch_size=batch,
         grad_accum=1,
         shuffle_blocks=BUFFER,
     )
@@ -112,7 +112,12 @@ def _read(base: StreamSpec, seg: dict, plan: Plan | None, consumed: int | None):
     per_reader: dict[int, list[int]] = collections.defaultdict(list)
     for rank in range(seg["world_size"]):
         spec = replace(
-            base, rank=rank, world_size=seg["world_size"], num_workers=seg["num_workers"], plan=plan
+            base,
+            rank=rank,
+            world_size=seg["world_size"],
+            num_workers=seg["num_workers"],
+            batch_size=seg["batch_size"],
+            plan=plan,
         )
         if consumed is not None:
             loader = build_loader(TrainStream(spec), seg["num_workers"], False, 2)
@@ -143,7 +148,11 @@ def _restart(base: StreamSpec, seg: dict, plan: Plan) -> list[int]:
     ids = []
     for rank in range(seg["world_size"]):
         spec = replace(
-            base, rank=rank, world_size=seg["world_size"], num_workers=seg["num_workers"]
+            base,
+            rank=rank,
+            world_size=seg["world_size"],
+            num_workers=seg["num_workers"],
+            batch_size=seg["batch_size"],
         )
         for worker in range(workers):
             skip = seg["step"] // workers + (1 if worker < seg["step"] % workers else 0)
@@ -170,6 +179,7 @@ CASES = {
     "2->1 workers": [(0, 1, 2), (11, 1, 1)],
     "2x2->1x3 readers": [(0, 2, 2), (5, 1, 3)],
     "later epochs, readers apart": [(0, 2, 2), (45, 1, 2)],
+    "2->1 ranks, batch 8->12": [(0, 2, 0, 8), (9, 1, 0, 12)],
     "2->1->2 ranks in one epoch": [(0, 2, 0), (6, 1, 0), (15, 2, 0)],
 }
 
@@ -246,3 +256,37 @@ def test_two_ranks_resumed_as_one_continue_the_epoch_end_to_end(tiny_shards, tmp
     final = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert final["step"] == 14
     assert [s["world_size"] for s in final["loader"]["segments"]] == [2, 1]
+
+
+def _saved(world: int, workers: int, batch: int = BATCH) -> dict:
+    contract = {
+        "world_size": world,
+        "data.num_workers": workers,
+        "train.batch_size": batch,
+        "train.grad_accum": 1,
+        "data.shuffle_blocks": BUFFER,
+    }
+    return {"contract": contract, "loader": {"consumed_batches": 9}, "rng": [{}] * world}
+
+
+def test_the_resume_decision_continues_or_falls_back_to_the_seeds(shards):
+    cfg = config.load(TINY, [f"train.batch_size={BATCH}", f"data.shuffle_blocks={BUFFER}"])
+    counts = _base(shards).counts
+
+    same = decide(_saved(1, 0), cfg, 1, 9, shards, counts, data_problems=False)
+    assert (same.plan, same.fallback, len(same.segments)) == (None, False, 1)
+
+    moved = decide(_saved(2, 0), cfg, 1, 9, shards, counts, data_problems=False)
+    assert not moved.fallback and moved.plan is not None
+    assert [s["world_size"] for s in moved.segments] == [2, 1]
+    assert moved.message.startswith("resume: data readers 2 rank(s) x 1 reader(s) (batch 8) ->")
+    assert f"{moved.plan.skipped} samples skipped" in moved.message
+
+    # Saved again after the change, then resumed on the same topology: the same plan.
+    again = {**_saved(1, 0), "loader": {"segments": moved.segments}}
+    requeued = decide(again, cfg, 1, 12, shards, counts, data_problems=False)
+    assert requeued.plan == moved.plan and requeued.message is None
+
+    for problems, known, why in ((True, counts, "skipped as bad"), (False, None, "no manifest")):
+        back = decide(_saved(2, 0), cfg, 1, 9, shards, known, data_problems=problems)
+        assert back.fallback and back.plan is None and back.segments == [] and why in back.message

@@ -16,6 +16,8 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
 - the stream is a pure function of (seed, rank, worker), so resuming after `consumed`
   batches replays it from the nearest epoch boundary (found from the manifest counts) and
   rotates workers so the DataLoader's round-robin continues exactly where it stopped.
+  Which shards a reader reads per epoch is `position.py`'s; after a world size or
+  num_workers change, its `Plan` deals the rest of the interrupted epoch to the new readers.
 
 Validation reads each shard once, in order, rank r taking shards[r::world].
 
