@@ -157,9 +157,9 @@ def decide(
     if counts is None:
         return StreamResume([], None, "no manifest counts", fallback=True)
     base = StreamSpec(shards, cfg.train.batch_size, cfg.train.seed, counts=counts)
-    infos = manifest_counts(shards)
-    blocks = [infos[s].blocks for s in shards] if len(infos) == len(shards) else None
     try:
+        infos = manifest_counts(shards)
+        blocks = [infos[s].blocks for s in shards] if len(infos) == len(shards) else None
         plan = plan_of(segments, base, BlockIndex(shards, counts, blocks))
     except PipelineError as exc:
         return StreamResume([], None, str(exc), fallback=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import tarfile
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pipeline.data import cache
 from pipeline.data.position import Plan, Unit, epoch_units, first_epoch
+from pipeline.data.remote import scrub
 from pipeline.data.tar_records import label_lengths
 from pipeline.errors import DataError
 
@@ -51,11 +53,14 @@ class BlockIndex:
     def sizes(self, shard: int) -> list[int]:
         """Samples of each record of `shard`; raises DataError when they contradict the manifest."""
         if shard not in self._sizes:
-            with cache.opened(self.shards[shard]) as path:
-                sizes = label_lengths(path)
+            try:
+                with cache.opened(self.shards[shard]) as path:
+                    sizes = label_lengths(path)
+            except (OSError, tarfile.TarError, ValueError) as exc:
+                raise DataError(f"{scrub(self.shards[shard])}: {exc}") from None
             expected = self.count(shard) if self.blocks is not None else len(sizes)
             if sum(sizes) != self.counts[shard] or len(sizes) != expected:
-                raise DataError(f"{self.shards[shard]}: records do not match the manifest")
+                raise DataError(f"{scrub(self.shards[shard])}: records do not match the manifest")
             self._sizes[shard] = sizes
         return self._sizes[shard]
 
