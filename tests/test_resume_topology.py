@@ -69,6 +69,16 @@ def test_pixels_carry_the_meta_ids(shards):
         assert _ids(block.patch) == [int(i) for i in block.ids]
 
 
+@pytest.mark.parametrize("reader", ["fast", "webdataset"])
+def test_records_passed_over_by_their_headers_are_exactly_the_first_ones(shards, reader):
+    whole = [b.ids for b in read_blocks(shards[:2], "fail", ProblemLog())]
+    starts = [2, 5]
+    problems = ProblemLog()
+    read = [b.ids for b in read_blocks(shards[:2], "fail", problems, reader=reader, starts=starts)]
+    first = -(-SIZES[0] // BLOCK)  # records of shard 0
+    assert read == whole[2:first] + whole[first + 5 :] and problems.count == 0
+
+
 def _base(shards: list[str]) -> StreamSpec:
     counts = [manifest_counts(shards)[s].samples for s in shards]
     return StreamSpec(shards, BATCH, seed=5, shuffle_blocks=BUFFER, counts=counts)
