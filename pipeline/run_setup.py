@@ -98,7 +98,8 @@ def train_batches(
         # Manifest counts let a resume skip whole epochs unread; after skipped records they
         # overstate the stream, so the resume then counts real samples from epoch 0.
         None if state.data_problems else sources.train_counts,
-        consumed=state.consumed_batches,
+        consumed=state.stream_batches,
+        plan=state.data_plan,  # after a world size / num_workers change (resume_stream.py)
         sample_shape=cfg.data.sample_shape,
         reader=cfg.data.reader,
     )

@@ -24,6 +24,7 @@ from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
 from pipeline.logit_check import LogitCheck
 from pipeline.optim import apply_optim_config
+from pipeline.resume_stream import resume_stream
 from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
 from pipeline.runtime import autocast, resolve_precision, setup_logging
 from pipeline.step import NonFiniteSteps, StepParts, train_step
@@ -121,10 +122,12 @@ class Trainer:
         else:
             saved = resumed.state
             same_world = state.load_state_dict(saved, env.rank, env.world_size, resumed.path)
+            # The data position carries over a world size / num_workers change too.
+            data = resume_stream(saved, cfg, env.world_size, state, self.sources)
+            state.segments, state.data_plan = data.segments, data.plan
             if not same_world:
                 log.warning(
-                    "world size changed (%d -> %d): RNG streams and the data order restart from the "
-                    "seeds at this step (samples of the current epoch may repeat)",
+                    "world size changed (%d -> %d): RNG streams restart from the seeds at this step",
                     len(saved.get("rng", [])),
                     env.world_size,
                 )

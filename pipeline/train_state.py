@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.checkpoint import restore_rng, rng_state
 from pipeline.config import Config
+from pipeline.data.position import Plan
 from pipeline.errors import CheckpointError
 from pipeline.logit_check import guard_static
 from pipeline.model import build_model
@@ -42,11 +43,22 @@ class TrainState:
     data_problems: bool = False
     """Once any rank skipped a record, manifest counts overstate what the stream emits, so a
     resume must replay positions by real samples (see `Trainer.batches`)."""
+    segments: list[dict[str, int]] = field(default_factory=list)
+    """The data stream's topologies, oldest first, with the step each began at
+    (`resume_stream.py`); empty: one, this run's, from step 0."""
+    data_plan: Plan | None = None
+    """The current segment's continuation of an interrupted epoch (derived on resume, not saved)."""
 
     @property
     def consumed_batches(self) -> int:
         """Batches each rank has taken from its stream: the data position."""
         return self.step * self.grad_accum
+
+    @property
+    def stream_batches(self) -> int:
+        """Batches each rank has taken from the current segment's stream."""
+        start = self.segments[-1]["step"] if self.segments else 0
+        return (self.step - start) * self.grad_accum
 
     def seed_fresh(self, rank: int, offset: int = 0) -> None:
         """A fresh run: each rank its own stream for dropout and friends.
@@ -74,6 +86,7 @@ class TrainState:
             "loader": {
                 "consumed_batches": self.consumed_batches,
                 "data_problems": self.data_problems,
+                "segments": self.segments,
             },
         }
 
@@ -95,6 +108,7 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.data_problems = bool(state.get("loader", {}).get("data_problems", False))
+        self.segments = [dict(s) for s in state.get("loader", {}).get("segments", [])]
         rngs = state.get("rng", [])
         if len(rngs) == world_size:
             restore_rng(rngs[rank], self.augment_rng)

@@ -16,6 +16,8 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
 - the stream is a pure function of (seed, rank, worker), so resuming after `consumed`
   batches replays it from the nearest epoch boundary (found from the manifest counts) and
   rotates workers so the DataLoader's round-robin continues exactly where it stopped.
+  Which shards a reader reads per epoch is `position.py`'s; after a world size or
+  num_workers change, its `Plan` deals the rest of the interrupted epoch to the new readers.
 
 Validation reads each shard once, in order, rank r taking shards[r::world].
 
@@ -30,6 +32,7 @@ files stay plain WebDataset tars.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import tarfile
@@ -46,6 +49,7 @@ from pipeline.data import cache
 from pipeline.data.arena import Arena
 from pipeline.data.format import Block, decode_block
 from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
+from pipeline.data.position import Plan, epoch_units, start_epoch
 from pipeline.data.problems import ProblemLog
 from pipeline.data.remote import is_remote, scrub
 from pipeline.data.tar_records import Placer, tar_records, webdataset_records
@@ -67,7 +71,9 @@ class StreamSpec:
     counts: list[int] | None = None
     """Samples per shard (from the manifest); lets a resume skip whole epochs."""
     consumed: int = 0
-    """Batches this rank already consumed (resume position)."""
+    """Batches this rank already consumed (resume position), since `plan` began if set."""
+    plan: Plan | None = None
+    """The interrupted epochs after a world size / num_workers change (`transition.py`)."""
     sample_shape: tuple[int, ...] | None = None
     """(C, S, S[, S]) every block must have (from the config); None = not checked."""
     reader: str = "fast"
@@ -89,6 +95,7 @@ def read_blocks(
     reader: str = "fast",
     allow_unknown: bool = False,
     then: Sequence[str] = (),
+    starts: Sequence[int] = (),
 ) -> Iterator[Block]:
     """Decoded blocks of `shards`, in order; bad records are skipped and counted, or raise.
 
@@ -98,7 +105,8 @@ def read_blocks(
     would otherwise break batching far from its cause), and so is a shard with no records.
     `reader="webdataset"` reads through webdataset instead (no arena placement).
     `then`: the shards read after these (the next epoch's), so remote prefetch carries on
-    across the boundary.
+    across the boundary. `starts`: per shard, the records to pass over unread (a shard
+    partly read before a topology change, `position.py`).
     """
     remote = any(is_remote(s) for s in shards)
     upcoming = [*shards, *then]
@@ -121,6 +129,7 @@ def read_blocks(
                     reader,
                     allow_unknown,
                     counter := [0],
+                    starts[index] if starts else 0,
                 )
             records = counter[0]
         except (OSError, tarfile.TarError) as exc:
@@ -147,9 +156,13 @@ def _shard_blocks(
     reader: str,
     allow_unknown: bool,
     counter: list[int],
+    first: int = 0,
 ) -> Iterator[Block]:
     """Blocks of one shard already on local disk (`path`: the shard or its cached copy)."""
-    source = webdataset_records(path) if reader == "webdataset" else tar_records(path, place)
+    if reader == "webdataset":
+        source = itertools.islice(webdataset_records(path), first, None)
+    else:
+        source = tar_records(path, place, skip=first)
     name = scrub(shard)
     for sample in source:
         counter[0] += 1
@@ -209,11 +222,6 @@ def ship(batch: dict[str, Any]) -> Any:
     return _Shipped(batch) if size <= INLINE_MAX_BYTES else _as_tensors(batch)
 
 
-def _epoch_shards(spec: StreamSpec, epoch: int, worker: int, workers: int) -> list[int]:
-    order = np.random.default_rng([spec.seed, epoch]).permutation(len(spec.shards))
-    return [int(i) for i in order[spec.rank :: spec.world_size][worker::workers]]
-
-
 def _own_epoch(
     spec: StreamSpec, epoch: int, worker: int, workers: int, arena: Arena
 ) -> Iterator[Chunk]:
@@ -224,8 +232,9 @@ def _own_epoch(
     out; then its arena memory goes back to `arena`.
     """
     rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker])
-    shards = [spec.shards[i] for i in _epoch_shards(spec, epoch, worker, workers)]
-    following = [spec.shards[i] for i in _epoch_shards(spec, epoch + 1, worker, workers)]
+    units = epoch_units(spec, epoch, worker, workers)
+    shards = [spec.shards[unit.shard] for unit in units]
+    following = [spec.shards[unit.shard] for unit in epoch_units(spec, epoch + 1, worker, workers)]
     buffer: list[Block] = []
 
     def flush() -> Chunk:
@@ -245,35 +254,13 @@ def _own_epoch(
         place=arena.place,
         reader=spec.reader,
         then=following,
+        starts=[unit.first for unit in units],
     ):
         buffer.append(block)
         if len(buffer) >= spec.shuffle_blocks:
             yield flush()
     if buffer:
         yield flush()
-
-
-def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tuple[int, int]:
-    """(epoch to replay from, samples emitted before it) so that `skip` batches are reachable.
-
-    Replaying from epoch a is exact when at least one batch of real samples separates a's
-    start from the first batch we keep (the unknown carry-in then only fills skipped batches).
-    """
-    if spec.counts is None or skip == 0:
-        return 0, 0
-    target = skip * spec.batch_size
-    totals = [0]  # samples emitted before each epoch
-    while totals[-1] <= target:
-        epoch = len(totals) - 1
-        n = sum(spec.counts[i] for i in _epoch_shards(spec, epoch, worker, workers))
-        if n == 0:
-            return 0, 0
-        totals.append(totals[-1] + n)
-    current = len(totals) - 2  # epoch that holds the first kept sample
-    start = current
-    while start > 0 and totals[current] - totals[start] < spec.batch_size:
-        start -= 1
-    return start, totals[start]
 
 
 Piece = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -322,7 +309,7 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     Skipped batches are counted but never gathered, so a resume costs reading, not copying.
     """
     size = spec.batch_size
-    epoch, emitted = _start_epoch(spec, worker, workers, skip)
+    epoch, emitted = start_epoch(spec, worker, workers, skip)
     # `filled` stand-ins for the carry-in of an epoch we did not replay: they only take
     # positions in skipped batches.
     batch_index, filled = divmod(emitted, size)

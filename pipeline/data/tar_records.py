@@ -12,6 +12,7 @@ one entry per suffix), so `decode_block` takes either.
 
 from __future__ import annotations
 
+import io
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -125,19 +126,26 @@ Placer = Callable[[str, int, bytes], "list[Any] | None"]
 """(suffix, size, first bytes) -> writable buffers to fill in order, or None for the default."""
 
 
-def tar_records(path: str, place: Placer | None = None) -> Iterator[dict[str, Any]]:
+def tar_records(path: str, place: Placer | None = None, skip: int = 0) -> Iterator[dict[str, Any]]:
     """Consecutive members sharing a key, as {suffix: writable buffer}; raises tar/OS errors.
 
     Small members are bytearrays (json.loads takes them), big ones uint8 arrays. `place`
     may route a member into caller-owned memory, split into parts (then the record holds
     the list of parts); the loader uses it to read patches straight into its shuffle buffer.
+    The first `skip` records are passed over by their headers: their bytes are never read.
     """
     with open(path, "rb") as stream:
         record: dict[str, Any] = {}
+        passed, last = 0, None
         for name, size in _members(stream):
             key, suffix = split_name(name)
             if not suffix:
                 continue
+            if skip:
+                if key != last:
+                    passed, last = passed + 1, key
+                if passed <= skip:
+                    continue
             if record and record["__key__"] != key:
                 yield record
                 record = {}
@@ -153,6 +161,19 @@ def tar_records(path: str, place: Placer | None = None) -> Iterator[dict[str, An
             record[suffix] = parts[0] if len(parts) == 1 else parts
         if record:
             yield record
+
+
+def label_lengths(path: str) -> list[int]:
+    """Samples per record (each `label.npy`'s length), in order, reading no other member."""
+    lengths = []
+    with open(path, "rb") as stream:
+        for name, size in _members(stream):
+            if split_name(name)[1] == "label.npy":
+                data = stream.read(size)
+                if len(data) < size:
+                    raise tarfile.ReadError(f"{name}: truncated member")
+                lengths.append(len(np.load(io.BytesIO(data), allow_pickle=False)))
+    return lengths
 
 
 def webdataset_records(path: str) -> Iterator[dict[str, Any]]:
