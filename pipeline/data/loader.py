@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import cache
 from pipeline.data.arena import Arena
+from pipeline.data.balance import Balancer
 from pipeline.data.format import Block, decode_block
 from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
 from pipeline.data.problems import ProblemLog
@@ -76,6 +77,10 @@ class StreamSpec:
     """Admit label 255 (unknown): only `pipeline predict` reads such shards."""
     handover: str = "shared"
     """Worker -> trainer: `shared` (a ring of shared-memory slots, `handover.py`) or `copy`."""
+    balance_draws: int = 0
+    """Samples per batch drawn from a reservoir of positives (`balance.py`); 0 = off."""
+    balance_reservoir: int = 1024
+    """Positives each reservoir window keeps (`data.balance_reservoir`)."""
     problems: ProblemLog = field(default_factory=ProblemLog)
 
 
@@ -253,15 +258,21 @@ def _own_epoch(
         yield flush()
 
 
-def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tuple[int, int]:
+def _start_epoch(
+    spec: StreamSpec, worker: int, workers: int, skip: int, fresh: int
+) -> tuple[int, int]:
     """(epoch to replay from, samples emitted before it) so that `skip` batches are reachable.
 
+    Each batch takes `fresh` stream samples (batch_size, less the balance draws).
     Replaying from epoch a is exact when at least one batch of real samples separates a's
     start from the first batch we keep (the unknown carry-in then only fills skipped batches).
+    The epoch returned is 0 or one before the epoch of the first kept sample: balance.py's
+    reservoir windows rely on that (a kept batch draws from the window opened an epoch
+    before it completes, so that window must be replayed whole).
     """
     if spec.counts is None or skip == 0:
         return 0, 0
-    target = skip * spec.batch_size
+    target = skip * fresh
     totals = [0]  # samples emitted before each epoch
     while totals[-1] <= target:
         epoch = len(totals) - 1
@@ -271,7 +282,7 @@ def _start_epoch(spec: StreamSpec, worker: int, workers: int, skip: int) -> tupl
         totals.append(totals[-1] + n)
     current = len(totals) - 2  # epoch that holds the first kept sample
     start = current
-    while start > 0 and totals[current] - totals[start] < spec.batch_size:
+    while start > 0 and totals[current] - totals[start] < fresh:
         start -= 1
     return start, totals[start]
 
@@ -322,10 +333,16 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     Skipped batches are counted but never gathered, so a resume costs reading, not copying.
     """
     size = spec.batch_size
-    epoch, emitted = _start_epoch(spec, worker, workers, skip)
+    balancer = None
+    if spec.balance_draws:
+        balancer = Balancer(
+            size, spec.balance_draws, spec.balance_reservoir, spec.seed, spec.rank, worker
+        )
+    fresh = size - spec.balance_draws  # stream samples per batch
+    epoch, emitted = _start_epoch(spec, worker, workers, skip, fresh)
     # `filled` stand-ins for the carry-in of an epoch we did not replay: they only take
     # positions in skipped batches.
-    batch_index, filled = divmod(emitted, size)
+    batch_index, filled = divmod(emitted, fresh)
     pieces: list[Piece] = []
     arena = Arena(spec.shuffle_blocks)
     read_out: list[np.ndarray | None] = []  # memories of chunks fully dealt into batches
@@ -334,17 +351,23 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     ring = make_ring() if in_worker and spec.handover == "shared" else None
     while True:
         got_any = False
+        if balancer is not None:
+            balancer.open_epoch(epoch)
         for patch, label, order, memory in _own_epoch(spec, epoch, worker, workers, arena):
             got_any = True
             start = 0
             while start < len(order):
-                take = min(size - filled, len(order) - start)
+                take = min(fresh - filled, len(order) - start)
                 if batch_index >= skip:
                     pieces.append((patch, label, order[start : start + take]))
+                if balancer is not None:
+                    balancer.feed(patch, label, order[start : start + take])
                 start, filled = start + take, filled + take
                 if start == len(order):
                     read_out.append(memory)
-                if filled == size:
+                if filled == fresh:
+                    if balancer is not None:
+                        pieces += balancer.draw(pieces, gather=batch_index >= skip)
                     if batch_index >= skip:
                         bad = np.array([worker, spec.problems.count])
                         yield _batch(pieces, size, ring, bad)
