@@ -15,6 +15,7 @@ import pytest
 from pipeline.data.balance import Reservoir, reservoir_draws
 from pipeline.data.format import manifest_counts, write_split
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader, worker_batches
+from pipeline.errors import ConfigError
 
 N = 2000  # samples; ids 0..N-1, every 100th positive (1:100)
 BATCH, TARGET = 32, 0.25
@@ -52,6 +53,18 @@ def _ids(batch: dict) -> np.ndarray:
     ids = patch.reshape(len(patch), -1)[:, 0].astype(np.int64)
     assert (np.asarray(batch["label"]) == _positive(ids)).all(), "labels do not match ids"
     return ids
+
+
+def test_draws_per_batch_make_the_expected_fraction_the_target():
+    # k = round(B (f - p) / (1 - p)): 20 % positives, target 50 %, B = 100 -> 37.5 -> 38,
+    # and (38 + 62 x 0.2) / 100 = 0.504.
+    assert reservoir_draws(0.5, 200, 800, 100) == 38
+    assert reservoir_draws(None, 200, 800, 100) == 0
+    assert reservoir_draws(0.2, 200, 800, 100) == 0  # f <= p: nothing to do
+    with pytest.raises(ConfigError, match="all 8 samples of a batch"):
+        reservoir_draws(0.99, 10, 990, 8)
+    with pytest.raises(ConfigError, match="manifest.json"):
+        reservoir_draws(0.5, None, None, 8)
 
 
 def test_balanced_batches_hold_about_the_target_fraction_on_1_to_100_data(shards):
