@@ -10,6 +10,8 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
   buffer's memory is recycled, so host memory per worker is one or two (more when a batch
   is bigger than a buffer) x shuffle_blocks x K x bytes per sample, plus the prefetched
   batches (see scripts/bench_loader.py);
+- with `data.balance`, each batch is its fresh stream samples followed by draws from a
+  reservoir of positives that the stream fed (`balance.py`); resumes replay it too;
 - the stream never ends, so every rank takes exactly `max_steps` steps whatever the shard
   sizes: a rank with smaller shards simply starts its next epoch sooner. No rank can run
   dry and leave the others waiting in all-reduce.
