@@ -98,6 +98,13 @@ def test_every_sample_comes_once_per_epoch_and_draws_are_positives_already_strea
         # Only positives the stream has already delivered (none from later batches).
         assert _positive(drawn).all(), index
         assert set(drawn.tolist()) <= seen, index
+    # Epochs 1 and 2 start drawing from the last epoch's positives too (the reservoir
+    # window spans two epochs), not from the few the new epoch has delivered so far.
+    for epoch in (1, 2):
+        first = epoch * N // fresh + 1  # the first batch wholly inside the epoch
+        early = np.concatenate([b[fresh:] for b in batches[first : first + 3]])
+        new = set(streamed[epoch * N : (first + 3) * fresh].tolist())
+        assert set(early.tolist()) - new, epoch
     assert len(set(np.concatenate([b[fresh:] for b in batches]).tolist())) > 10
 
 
