@@ -10,6 +10,7 @@ dropout makes the torch RNG matter.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,12 @@ def test_two_processes_resume_bit_exactly(shards, tmp_path):
     straight = run_torchrun(2, _args(shards, tmp_path / "straight", *common), env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "balanced batches: 3 of 8 samples" in straight.stderr
+    # pos_weight=auto is the batches' (1 - 0.5) / 0.5, not the data's 52 / 18; an epoch is
+    # 70 fresh samples: 24 steps x 2 ranks x (8 - 3) = 240 of them.
+    assert _final(tmp_path / "straight")["pos_weight"] == 1.0
+    rows = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    epochs = [r["train/epoch"] for r in map(json.loads, rows) if r["event"] == "train"]
+    assert epochs[-1] == pytest.approx(240 / 70)
 
     run_dir = tmp_path / "interrupted"
     first = run_torchrun(2, _args(shards, run_dir, *common, "train.stop_at_step=19"), env)
