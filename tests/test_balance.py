@@ -146,3 +146,17 @@ def test_a_resumed_balanced_stream_delivers_the_uninterrupted_batches(shards, wo
         resumed = _delivered(shards, draws, workers, consumed, 30)
         assert resumed == straight[consumed : consumed + 30], consumed
         assert any(_positive(np.array(b[BATCH - draws :])).all() for b in resumed)
+
+
+def test_a_target_at_or_below_the_data_fraction_warns_that_it_does_nothing(caplog):
+    from types import SimpleNamespace
+
+    from pipeline.data.balance import describe, draws_for
+
+    cfg = SimpleNamespace(data=SimpleNamespace(balance=0.2), train=SimpleNamespace(batch_size=32))
+    sources = SimpleNamespace(positives=300, negatives=700)
+    assert draws_for(cfg, sources) == 0
+    with caplog.at_level("INFO", logger="pipeline"):
+        describe(cfg, sources, 0)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "data.balance=0.2 does nothing" in caplog.records[0].getMessage()
