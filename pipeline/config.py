@@ -176,6 +176,20 @@ class DataConfig:
     to share a batch again next epoch: 48 keeps that below 3 % of same-batch pairs for 2D
     (27 MiB at K=256, 48x48 uint8). Fewer blocks: less memory, a coarser shuffle. Speed and
     shuffle quality per size: BENCHMARKS.md (scripts/bench_loader.py)."""
+    balance: float | None = None
+    """Target fraction of positives per training batch, in (0, 1); null = off.
+
+    Each batch is B - k fresh stream samples (every label, as without balance) plus k
+    positives drawn with replacement from a reservoir the stream feeds (pipeline/data/
+    balance.py); k = round(B (f - p) / (1 - p)) for the data's positive fraction p (from the
+    manifest). f <= p does nothing (a warning). An epoch stays one pass over every sample,
+    so it takes about B / (B - k) times the batches; `train/epoch` counts it so. With
+    `loss.pos_weight=auto`, pos_weight is (1 - f) / f (capped by `loss.max_pos_weight`):
+    the balanced batches, not the data set, are what the loss sees."""
+    balance_reservoir: int = 1024
+    """Positives a reader keeps for `balance`; it holds two windows (this epoch's and the
+    last), so up to 2 x this x bytes per sample per loader worker (2D 48x48 uint8: 4.5 MiB;
+    3D 48^3 int16: 432 MiB), allocated as positives arrive."""
     on_error: str = "skip"
     """Bad records: `skip` (counted and logged) or `fail`."""
     reader: str = "fast"
@@ -224,6 +238,12 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         _require(self.shuffle_blocks >= 1, "data.shuffle_blocks", "must be >= 1")
+        _require(
+            self.balance is None or 0 < self.balance < 1,
+            "data.balance",
+            f"must be a fraction strictly inside (0, 1), or null, got {self.balance}",
+        )
+        _require(self.balance_reservoir >= 1, "data.balance_reservoir", "must be >= 1")
         _choice(self.on_error, "data.on_error", ("skip", "fail"))
         _choice(self.reader, "data.reader", ("fast", "webdataset"))
         _require(self.cache_limit_gb >= 0, "data.cache_limit_gb", "must be >= 0 (0 = no limit)")

@@ -56,6 +56,8 @@ def contract(cfg: Config, world_size: int, train: list[str], val: list[str]) -> 
         "world_size": world_size,
         "data.num_workers": d.num_workers,
         "data.shuffle_blocks": d.shuffle_blocks,
+        "data.balance": d.balance,
+        "data.balance_reservoir": d.balance_reservoir,
         "train.seed": t.seed,
         "train.max_steps": t.max_steps,
         "data.train": _digest(train),

@@ -150,6 +150,10 @@ def decide(
     changed = any(segments[-1][k] != now[k] for k in KEYS)
     if changed and data_problems:
         return StreamResume([], None, "records were skipped as bad", fallback=True)
+    if changed and cfg.data.balance is not None:
+        # Balanced batches take fewer stream samples each, and each reader's reservoir of
+        # positives is its own: neither carries over to readers of another topology.
+        return StreamResume([], None, "data.balance is on", fallback=True)
     if changed:
         segments = [*segments, now]
     if len(segments) == 1:

@@ -15,6 +15,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import Config, to_dict, to_yaml
+from pipeline.data import balance
 from pipeline.data import sources as data_sources
 from pipeline.data.compat import check_fit
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader, check_readers
@@ -36,8 +37,14 @@ def prepare_data(cfg: Config) -> tuple[data_sources.Sources, float]:
     sources = distributed.broadcast_object(data_sources.resolve(cfg.data))
     check_fit(sources, cfg.data)  # shards vs data.dims/channels/scales/patch size: one line
     check_readers(len(sources.train), distributed.env().world_size, cfg.data.num_workers)
+    draws = balance.draws_for(cfg, sources)  # bad data.balance fails here, before the model
+    if distributed.is_main():
+        balance.describe(cfg, sources, draws)
     pos_weight = cfg.loss.pos_weight
-    if pos_weight == "auto":
+    if pos_weight == "auto" and draws:
+        # The loss sees the balanced batches, not the data set's ratio.
+        pos_weight = balance.balanced_pos_weight(cfg.data.balance, cfg.loss.max_pos_weight)
+    elif pos_weight == "auto":
         pos_weight = data_sources.auto_pos_weight(sources, cfg.loss.max_pos_weight)
     return sources, float(pos_weight)
 
@@ -102,6 +109,8 @@ def train_batches(
         plan=state.data_plan,  # after a world size / num_workers change (resume_stream.py)
         sample_shape=cfg.data.sample_shape,
         reader=cfg.data.reader,
+        balance_draws=balance.draws_for(cfg, sources),
+        balance_reservoir=cfg.data.balance_reservoir,
     )
     loader = build_loader(
         TrainStream(spec), cfg.data.num_workers, device.type == "cuda", cfg.data.prefetch_factor

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline import distributed, resume, run_lock
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, to_dict
+from pipeline.data import balance
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import PipelineError
 from pipeline.failures import on_failure
@@ -235,7 +236,10 @@ class Trainer:
         values = window.values(sum(self.bad_records.values()))
         values["train/lr"] = self.state.scheduler.get_last_lr()[0]
         counts = self.sources.train_counts
-        seen = self.state.step * self.contract["global_batch"]
+        # Stream samples only: balance's reservoir draws are repeats, not epoch progress.
+        batch = self.cfg.train.batch_size
+        fresh = (batch - balance.draws_for(self.cfg, self.sources)) / batch
+        seen = self.state.step * self.contract["global_batch"] * fresh
         values["train/epoch"] = seen / sum(counts) if counts else float("nan")
         if self.device.type == "cuda":
             values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -99,6 +99,18 @@ CASES: dict[str, tuple] = {
         ["train", "checkpoint.mode=up"],
         ["checkpoint.mode", "auto|max|min", "'up'"],
     ),
+    # -- engineer B (issue 16 §2): balance is a fraction strictly inside (0, 1) ----------
+    **{
+        f"data.balance={value}": (
+            ["train", f"data.balance={value}"],
+            ["data.balance", "strictly inside (0, 1)", value],
+        )
+        for value in ("0", "1", "-0.1", "1.5")
+    },
+    "data.balance leaving no fresh samples in a batch": (
+        _train("run.dir={tmp}/run-balance", "data.balance=0.99", "train.batch_size=4"),
+        ["data.balance=0.99 with train.batch_size=4", "all 4 samples", "from the reservoir"],
+    ),
 }
 
 # -- engineer B's rows (issue 14 §3, §6, §7): shards vs config, checkpoints vs overrides,

@@ -10,6 +10,7 @@ dropout makes the torch RNG matter.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -94,16 +95,26 @@ def test_single_process_with_workers_resumes_bit_exactly(shards, tmp_path):
 @pytest.mark.slow
 def test_two_processes_resume_bit_exactly(shards, tmp_path):
     env = cli_env(tmp_path)
-    common = ("train.max_steps=16", "data.num_workers=1")
+    # Balanced batches too (data.balance): 3 of each 8 samples are reservoir draws, so a
+    # reader's ~35-sample epoch is 7 batches and step 19 replays from epoch 1, rebuilding
+    # the reservoir from the stream it skips.
+    common = ("train.max_steps=24", "data.num_workers=1", "data.balance=0.5")
     straight = run_torchrun(2, _args(shards, tmp_path / "straight", *common), env)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "balanced batches: 3 of 8 samples" in straight.stderr
+    # pos_weight=auto is the batches' (1 - 0.5) / 0.5, not the data's 52 / 18; an epoch is
+    # 70 fresh samples: 24 steps x 2 ranks x (8 - 3) = 240 of them.
+    assert _final(tmp_path / "straight")["pos_weight"] == 1.0
+    rows = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    epochs = [r["train/epoch"] for r in map(json.loads, rows) if r["event"] == "train"]
+    assert epochs[-1] == pytest.approx(240 / 70)
 
     run_dir = tmp_path / "interrupted"
-    first = run_torchrun(2, _args(shards, run_dir, *common, "train.stop_at_step=11"), env)
+    first = run_torchrun(2, _args(shards, run_dir, *common, "train.stop_at_step=19"), env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert _final(run_dir)["step"] == 11
+    assert _final(run_dir)["step"] == 19
     second = run_torchrun(2, _args(shards, run_dir, *common), env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 11" in second.stderr
+    assert "resumed from step 19" in second.stderr
 
-    _compare(tmp_path / "straight", run_dir, 16)
+    _compare(tmp_path / "straight", run_dir, 24)

@@ -10,6 +10,8 @@ Training reads an infinite, epoch-structured stream per (rank, worker):
   buffer's memory is recycled, so host memory per worker is one or two (more when a batch
   is bigger than a buffer) x shuffle_blocks x K x bytes per sample, plus the prefetched
   batches (see scripts/bench_loader.py);
+- with `data.balance`, each batch is its fresh stream samples followed by draws from a
+  reservoir of positives that the stream fed (`balance.py`); resumes replay it too;
 - the stream never ends, so every rank takes exactly `max_steps` steps whatever the shard
   sizes: a rank with smaller shards simply starts its next epoch sooner. No rank can run
   dry and leave the others waiting in all-reduce.
@@ -47,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import cache
 from pipeline.data.arena import Arena
+from pipeline.data.balance import Balancer
 from pipeline.data.format import Block, decode_block
 from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
 from pipeline.data.position import Plan, epoch_units, start_epoch
@@ -82,6 +85,10 @@ class StreamSpec:
     """Admit label 255 (unknown): only `pipeline predict` reads such shards."""
     handover: str = "shared"
     """Worker -> trainer: `shared` (a ring of shared-memory slots, `handover.py`) or `copy`."""
+    balance_draws: int = 0
+    """Samples per batch drawn from a reservoir of positives (`balance.py`); 0 = off."""
+    balance_reservoir: int = 1024
+    """Positives each reservoir window keeps (`data.balance_reservoir`)."""
     problems: ProblemLog = field(default_factory=ProblemLog)
 
 
@@ -309,10 +316,16 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     Skipped batches are counted but never gathered, so a resume costs reading, not copying.
     """
     size = spec.batch_size
-    epoch, emitted = start_epoch(spec, worker, workers, skip)
+    balancer = None
+    if spec.balance_draws:
+        balancer = Balancer(
+            size, spec.balance_draws, spec.balance_reservoir, spec.seed, spec.rank, worker
+        )
+    fresh = size - spec.balance_draws  # stream samples per batch
+    epoch, emitted = start_epoch(spec, worker, workers, skip, fresh)
     # `filled` stand-ins for the carry-in of an epoch we did not replay: they only take
     # positions in skipped batches.
-    batch_index, filled = divmod(emitted, size)
+    batch_index, filled = divmod(emitted, fresh)
     pieces: list[Piece] = []
     arena = Arena(spec.shuffle_blocks)
     read_out: list[np.ndarray | None] = []  # memories of chunks fully dealt into batches
@@ -321,17 +334,23 @@ def worker_batches(spec: StreamSpec, worker: int, workers: int, skip: int) -> It
     ring = make_ring() if in_worker and spec.handover == "shared" else None
     while True:
         got_any = False
+        if balancer is not None:
+            balancer.open_epoch(epoch)
         for patch, label, order, memory in _own_epoch(spec, epoch, worker, workers, arena):
             got_any = True
             start = 0
             while start < len(order):
-                take = min(size - filled, len(order) - start)
+                take = min(fresh - filled, len(order) - start)
                 if batch_index >= skip:
                     pieces.append((patch, label, order[start : start + take]))
+                if balancer is not None:
+                    balancer.feed(patch, label, order[start : start + take])
                 start, filled = start + take, filled + take
                 if start == len(order):
                     read_out.append(memory)
-                if filled == size:
+                if filled == fresh:
+                    if balancer is not None:
+                        pieces += balancer.draw(pieces, gather=batch_index >= skip)
                     if batch_index >= skip:
                         bad = np.array([worker, spec.problems.count])
                         yield _batch(pieces, size, ring, bad)

@@ -81,16 +81,23 @@ def first_epoch(spec: Layout) -> int:
     return spec.plan.first_epoch if spec.plan is not None else 0
 
 
-def start_epoch(spec: Layout, worker: int, workers: int, skip: int) -> tuple[int, int]:
+def start_epoch(
+    spec: Layout, worker: int, workers: int, skip: int, fresh: int | None = None
+) -> tuple[int, int]:
     """(epoch to replay from, samples emitted before it) so that `skip` batches are reachable.
 
+    Each batch takes `fresh` stream samples (batch_size, less data.balance's draws).
     Replaying from epoch a is exact when at least one batch of real samples separates a's
     start from the first batch we keep (the unknown carry-in then only fills skipped batches).
+    The epoch returned is the origin or one before the epoch of the first kept sample:
+    balance.py's reservoir windows rely on that (a kept batch draws from the window opened
+    an epoch before, so that window must be replayed whole).
     """
+    fresh = spec.batch_size if fresh is None else fresh
     origin = first_epoch(spec)
     if spec.counts is None or skip == 0:
         return origin, 0
-    target = skip * spec.batch_size
+    target = skip * fresh
     totals = [0]  # samples emitted before each epoch (from `origin`)
     while totals[-1] <= target:
         epoch = origin + len(totals) - 1
@@ -101,6 +108,6 @@ def start_epoch(spec: Layout, worker: int, workers: int, skip: int) -> tuple[int
         totals.append(totals[-1] + n)
     current = len(totals) - 2  # epoch that holds the first kept sample
     start = current
-    while start > 0 and totals[current] - totals[start] < spec.batch_size:
+    while start > 0 and totals[current] - totals[start] < fresh:
         start -= 1
     return origin + start, totals[start]
