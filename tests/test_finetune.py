@@ -37,7 +37,9 @@ def source(shards, tmp_path_factory) -> Path:
 def _split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """(branch parameter names, head parameter names) of `model`."""
     names = [n for n, _ in model.named_parameters()]
-    return [n for n in names if n.startswith("branches.")], [n for n in names if n.startswith("head.")]
+    return [n for n in names if n.startswith("branches.")], [
+        n for n in names if n.startswith("head.")
+    ]
 
 
 def test_init_from_takes_only_the_weights_and_freeze_holds_the_branches(source, shards, tmp_path,
