@@ -12,6 +12,10 @@ step counter to the device on every call (a blocking copy: a host sync per step 
 and regroups the tensors each time. We call the same EMA function on the same tensors,
 grouped once. Integer buffers (BatchNorm's `num_batches_tracked`) are copied, not
 averaged: a blended counter would truncate to a meaningless integer.
+
+"Not skipped" is the step's own `finite` verdict. Under fp16 a step that GradScaler
+skips on an overflow still counts (the weights did not move, and the average takes one
+step towards them): telling it apart would cost a host sync every step.
 """
 
 from __future__ import annotations

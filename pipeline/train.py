@@ -104,9 +104,7 @@ class Trainer:
         self.module = self.state.model
         self.best = BestMetric(cfg.checkpoint.metric, cfg.checkpoint.mode)
         self.early = EarlyStop(cfg.train.early_stop_patience)
-        self.freeze = finetune.freeze_branches(
-            self.state, cfg.model
-        )  # a model without branches fails here
+        self.freeze = finetune.freeze_branches(self.state, cfg.model)  # None when off
         self.thresholds: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.bad_records: dict[int, int] = {}
