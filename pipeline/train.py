@@ -179,7 +179,7 @@ class Trainer:
         start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
         if self.early.due(self.best):  # the run being resumed had stopped early
             self.early.announce_resumed(state.step, self.best)
-            return self.finish(stopped=True, early_stopped=True)
+            return self.finish(stopped=False, early_stopped=True)
         batches = (
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
         )
@@ -234,7 +234,8 @@ class Trainer:
                     self.early.announce(state.step, self.best, tracker)
                 if stop_now:
                     stop.consume()
-                return self.finish(stopped=True, early_stopped=early)
+                # An early stop is a finished run (sweeps and cv must not resume it).
+                return self.finish(stopped=stop_now, early_stopped=early)
             if state.step % cfg.checkpoint.every_steps == 0 or state.step == max_steps or improved:
                 self.save(improved)
             # Validation and checkpoints are not training: keep them out of samples/s.

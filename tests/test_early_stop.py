@@ -49,6 +49,7 @@ def test_early_stop_on_validation_loss_and_a_resume_that_stops_at_once(shards, t
     assert index is not None, f"the loss improved at every evaluation: {losses}"
     step = evals[index]["step"]
     assert result["step"] == step < 24 and result["early_stopped"], (result, losses)
+    assert not result["stopped"]  # a finished run: sweeps and cv do not resume it
     assert len(evals) == index + 1  # nothing after the stop
     best = min(losses[: index + 1])
     best_step = evals[losses.index(best)]["step"]
@@ -83,6 +84,7 @@ def test_two_ranks_with_ema_stop_early_at_the_same_step(shards, tmp_path):
     step = evals[index]["step"]
     assert step < 24 and f"early stop at step {step}:" in result.stdout
     [end] = _events(run_dir, "end")
-    assert end["steps_per_rank"] == [step, step] and end["early_stopped"]
+    # Finished, not stopped on request: sweeps and cv must not resume it.
+    assert end["steps_per_rank"] == [step, step] and end["early_stopped"] and not end["stopped"]
     state = saved(run_dir)
     assert state["step"] == step and state["ema_updates"] == step + 1
