@@ -39,6 +39,7 @@ class Ema:
             model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
         )
         self.averaged.requires_grad_(False)  # never trained, only blended
+        self._groups: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
         self.reset(model)
 
     @property
@@ -71,7 +72,7 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step towards `model` (call it only after a step that was applied)."""
-        if self._groups is None:
+        if self._groups is None:  # the same tensors every step (loading copies in place)
             self._groups = self._pairs(model)
         floats, others = self._groups
         if floats[0]:
@@ -79,8 +80,6 @@ class Ema:
         if others[0]:
             torch._foreach_copy_(others[0], others[1])
         self.averaged.n_averaged += 1  # a CPU tensor: no device traffic
-
-    _groups: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """`ema`: weights with the model's own keys (what inference loads); `ema_updates`."""
