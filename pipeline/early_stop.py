@@ -29,7 +29,8 @@ class EarlyStop:
     def reason(self, best: BestMetric) -> str:
         value = "n/a" if best.value is None else f"{best.value:.4g}"
         return (
-            f"no improvement of {best.metric} for {best.since} evaluations, "
+            f"no improvement of {best.metric} for {best.since} evaluation"
+            f"{'' if best.since == 1 else 's'}, "
             f"best {value} at step {best.step}"
         )
 

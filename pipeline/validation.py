@@ -95,9 +95,10 @@ class BestMetric:
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """True when `metrics` holds a new best (NaN never is)."""
         value = metrics.get(f"val/{self.metric}")
+        if value is None:
+            return False  # not measured (cpm_candidate without scan ids): nothing to count
         better = (
-            value is not None
-            and bool(np.isfinite(value))  # a NaN evaluation counts as one without improvement
+            bool(np.isfinite(value))  # a NaN evaluation counts as one without improvement
             and (
                 self.value is None
                 or (value > self.value if self.mode == "max" else value < self.value)

@@ -88,3 +88,21 @@ def test_two_ranks_with_ema_stop_early_at_the_same_step(shards, tmp_path):
     assert end["steps_per_rank"] == [step, step] and end["early_stopped"] and not end["stopped"]
     state = saved(run_dir)
     assert state["step"] == step and state["ema_updates"] == step + 1
+
+
+def test_the_count_resets_on_a_new_best_counts_nan_and_skips_unmeasured_metrics():
+    from pipeline.validation import BestMetric
+
+    best = BestMetric("loss")  # auto: lower is better
+    counts = []
+    for value in (1.0, 0.9, 0.95, float("nan"), None, 0.9, 0.5):
+        best.update({} if value is None else {"val/loss": value}, step=len(counts))
+        counts.append(best.since)
+    assert counts == [0, 0, 1, 2, 2, 3, 0]  # 0.9 again is no improvement
+    restored = BestMetric("loss")
+    restored.load_state_dict(best.state_dict())
+    assert restored.since == 0 and restored.value == 0.5
+    higher = BestMetric("loss", "max")
+    for value in (1.0, 0.9):
+        higher.update({"val/loss": value}, 0)
+    assert higher.since == 1
