@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import cli_env, run_torchrun, train_args
 from tests.faults import small_shards
@@ -72,12 +73,22 @@ def test_early_stop_on_validation_loss_and_a_resume_that_stops_at_once(shards, t
 
 
 @pytest.mark.slow
-def test_two_ranks_with_ema_stop_early_at_the_same_step(shards, tmp_path):
+def test_two_ranks_fine_tuned_with_ema_and_frozen_branches_stop_early_at_the_same_step(
+    shards, tmp_path, monkeypatch
+):
+    """One torchrun run for the DDP side of §3: init_from on every rank, frozen branches
+    under DDP, EMA, and the early stop agreed by both ranks."""
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "source"
+    train_tiny(shards, source, "model.ema_decay=0.5", "train.max_steps=1")
     run_dir = tmp_path / "run"
     args = train_args(shards, run_dir, "train.batch_size=8", "model.ema_decay=0.9",
+                      f"model.init_from={source}", "model.freeze_steps=2",
+                      "checkpoint.every_steps=2", "checkpoint.keep_last=20",
                       "dist.timeout_s=60", *STOP_ON_LOSS)  # fmt: skip
     result = run_torchrun(2, args, cli_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.init_from: " in result.stderr and "EMA weights" in result.stderr
     evals = _events(run_dir, "eval")
     index = _expected_stop([e["val/loss"] for e in evals], PATIENCE)
     assert index is not None
@@ -88,6 +99,10 @@ def test_two_ranks_with_ema_stop_early_at_the_same_step(shards, tmp_path):
     assert end["steps_per_rank"] == [step, step] and end["early_stopped"] and not end["stopped"]
     state = saved(run_dir)
     assert state["step"] == step and state["ema_updates"] == step + 1
+    origin, frozen = saved(source)["ema"], saved(run_dir, "step-00000002.pt")["model"]
+    branches = [k for k in frozen if k.startswith("branches.") and k.endswith("weight")]
+    assert branches and all(torch.equal(frozen[k], origin[k]) for k in branches)
+    assert any(not torch.equal(state["model"][k], origin[k]) for k in branches)
 
 
 def test_the_count_resets_on_a_new_best_counts_nan_and_skips_unmeasured_metrics():
