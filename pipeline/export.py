@@ -152,8 +152,10 @@ def export(
     if dtype not in ALLOWED_DTYPES:
         raise ConfigError(f"--dtype {dtype}: must be one of {'|'.join(ALLOWED_DTYPES)}")
     cfg, model, state = load_trained(checkpoint, overrides)
-    # One set of weights goes into the graph: the EMA ones when the checkpoint has them.
-    log.info("export: the %s weights of %s", weights_of(state)[1], checkpoint)
+    # One set of weights goes into the graph: the EMA ones when the checkpoint has them
+    # (load_trained logged that); say so for the raw ones too.
+    if weights_of(state)[1] == "raw":
+        log.info("export: the raw weights of %s (it holds no EMA)", checkpoint)
     size = patch_size or cfg.data.stored_size
     if size < cfg.data.scales[-1]:
         raise ConfigError(
