@@ -2,8 +2,9 @@
 
 `TrainState` holds the step counter, the plain model (never its DDP or compiled wrapper),
 optimizer, LR scheduler, GradScaler, the EMA of the weights (when on), this rank's
-augmentation generator and the data position. `state_dict()` / `load_state_dict()` are the only way in and out; the checkpoint
-manager stores the dict and knows nothing of what is inside.
+augmentation generator and the data position. `state_dict()` / `load_state_dict()` are
+the only way in and out; the checkpoint manager stores the dict and knows nothing of what
+is inside.
 """
 
 from __future__ import annotations
