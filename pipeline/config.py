@@ -288,6 +288,21 @@ class ModelConfig:
     """Convert BatchNorm to SyncBatchNorm under DDP."""
     compile: bool = False
     """Wrap the model in `torch.compile`."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (and BatchNorm statistics), updated after
+    every optimizer step that was not skipped: `ema = decay * ema + (1 - decay) * weights`.
+    0 = off. With EMA on, validation, `best.pt`, evaluate, predict and export use the EMA
+    weights; checkpoints hold both. Typical: 0.999 (about the last 1000 steps)."""
+    init_from: str | None = None
+    """Fine-tuning: start a fresh run from these weights (a checkpoint file, a run dir or its
+    `checkpoints/` dir: best.pt, else last.pt); their EMA weights when they have them. Only
+    the weights: step, optimizer, schedule and RNG start fresh. Ignored on resume."""
+    init_strict: bool = True
+    """`init_from`: every key must match in name and shape (else one-line error, exit 2);
+    false = load the keys that match and log the missing, unexpected and reshaped ones."""
+    freeze_steps: int = 0
+    """Fine-tuning: the branches (`model.branches`) do not learn for the first N steps (only
+    the head does); then everything trains. 0 = off."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "model.name", ("xception_like",))
@@ -300,6 +315,12 @@ class ModelConfig:
         _require(self.features > 0, "model.features", "must be > 0")
         _require(self.hidden > 0, "model.hidden", "must be > 0")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(
+            0.0 <= self.ema_decay < 1.0,
+            "model.ema_decay",
+            f"must be in [0, 1) (0 = off, e.g. 0.999), got {self.ema_decay}",
+        )
+        _require(self.freeze_steps >= 0, "model.freeze_steps", "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -381,6 +402,10 @@ class TrainConfig:
     uninterrupted run would be (cut a long run into pieces; tests of bit-exact resume)."""
     threads: int = 0
     """torch intra-op threads per process on CPU (0 = torch's default)."""
+    early_stop_patience: int = 0
+    """Stop (checkpoint, exit 0) after this many validations in a row without a new best
+    `checkpoint.metric` (in its mode); 0 = off. A resume of an early-stopped run stops at
+    once unless this is raised (or set to 0)."""
     keep_freed_memory: bool = True
     """glibc: reuse freed host buffers instead of faulting them back in every step (fewer
     page faults, a little more peak RSS; the speed effect depends on the machine:
@@ -397,6 +422,9 @@ class TrainConfig:
         _require(self.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
         _require(self.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0 = off)")
         _require(self.threads >= 0, "train.threads", "must be >= 0")
+        _require(
+            self.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = off)"
+        )
 
 
 @dataclass

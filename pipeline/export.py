@@ -26,6 +26,7 @@ from pipeline.config import Config
 from pipeline.data.format import ALLOWED_DTYPES
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import ConfigError, ModelContractError
+from pipeline.finetune import weights_of
 from pipeline.model import as_logits
 
 log = logging.getLogger("pipeline")
@@ -150,7 +151,11 @@ def export(
             ) from None
     if dtype not in ALLOWED_DTYPES:
         raise ConfigError(f"--dtype {dtype}: must be one of {'|'.join(ALLOWED_DTYPES)}")
-    cfg, model, _ = load_trained(checkpoint, overrides)
+    cfg, model, state = load_trained(checkpoint, overrides)
+    # One set of weights goes into the graph: the EMA ones when the checkpoint has them
+    # (load_trained logged that); say so for the raw ones too.
+    if weights_of(state)[1] == "raw":
+        log.info("export: the raw weights of %s (it holds no EMA)", checkpoint)
     size = patch_size or cfg.data.stored_size
     if size < cfg.data.scales[-1]:
         raise ConfigError(

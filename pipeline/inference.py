@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ from pipeline import checkpoint
 from pipeline.config import Config, default_cache_dir, from_dict
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import CheckpointError
+from pipeline.finetune import first_few, key_mismatch, weights_of
 from pipeline.model import build_model
+
+log = logging.getLogger("pipeline")
 
 
 def load_trained(
@@ -38,7 +42,11 @@ def load_trained(
         hidden=cfg.model.hidden,
         dropout=cfg.model.dropout,
     )
-    _load_weights(path, model, state["model"])
+    # The EMA weights when the run kept them: they are what its validation and best.pt used.
+    weights, which = weights_of(state)
+    if which == "EMA":
+        log.info("checkpoint %s: using its EMA weights (model.ema_decay)", path)
+    _load_weights(path, model, weights)
     model.to(device or torch.device("cpu")).eval()
     return cfg, model, state
 
@@ -79,24 +87,9 @@ def _check_architecture(path: str, saved: dict[str, Any], cfg: Config) -> None:
 
 def _load_weights(path: str, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """load_state_dict, with its many-line mismatch report cut to one line naming the keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [
-        f"{k} {list(weights[k].shape)} vs {list(own[k].shape)}"
-        for k in own
-        if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-            for label, keys in (
-                ("shape differs, checkpoint vs model", shapes),
-                ("missing from the checkpoint", missing),
-                ("not in the model", unexpected),
-            )
-            if keys
-        ]
+    problems = key_mismatch(model.state_dict(), weights)
+    if problems:
+        parts = [f"{label} {first_few(keys)}" for label, keys in problems.items()]
         raise CheckpointError(f"checkpoint {path}: model does not fit: {'; '.join(parts)}")
     model.load_state_dict(weights)
 

@@ -67,6 +67,7 @@ def contract(cfg: Config, world_size: int, train: list[str], val: list[str]) -> 
         **{f"data.{k}": getattr(d, k) for k in ("dims", "scales", "channels")},
         **{f"model.{k}": getattr(m, k) for k in ("name", "target", "kwargs", "width")},
         **{f"model.{k}": getattr(m, k) for k in ("depth", "features", "hidden", "dropout")},
+        **{f"model.{k}": getattr(m, k) for k in ("ema_decay", "freeze_steps")},
     }
 
 

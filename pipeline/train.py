@@ -15,17 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import distributed, resume, run_lock
+from pipeline import distributed, finetune, resume, run_lock
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, to_dict
 from pipeline.data import balance
 from pipeline.data.transforms import DeviceTransform
+from pipeline.early_stop import EarlyStop
 from pipeline.errors import PipelineError
 from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
 from pipeline.logit_check import LogitCheck
 from pipeline.optim import apply_optim_config
 from pipeline.resume_stream import resume_stream
+from pipeline.run_end import finish
 from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
 from pipeline.runtime import autocast, resolve_precision, setup_logging
 from pipeline.step import NonFiniteSteps, StepParts, train_step
@@ -103,6 +105,8 @@ class Trainer:
         self.state = build_train_state(cfg, device, precision, env.rank)
         self.module = self.state.model
         self.best = BestMetric(cfg.checkpoint.metric, cfg.checkpoint.mode)
+        self.early = EarlyStop(cfg.train.early_stop_patience)
+        self.freeze = finetune.freeze_branches(self.state, cfg.model)  # None when off
         self.thresholds: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
         self.bad_records: dict[int, int] = {}
@@ -119,6 +123,8 @@ class Trainer:
         self.checkpoints, self.run_dir = checkpoints, checkpoints.dir.parent
         self.contract = contract
         if resumed is None:
+            if cfg.model.init_from:
+                finetune.apply_init_from(state, cfg.model)  # weights only, on every rank
             state.seed_fresh(env.rank)
         else:
             saved = resumed.state
@@ -138,6 +144,8 @@ class Trainer:
                 self.best.reset("the validation set (data.val) changed")
             self.thresholds = saved.get("thresholds", {})
             log.info("resumed from step %d (%s)", state.step, resumed.path)
+            if cfg.model.init_from:
+                log.info("model.init_from ignored: a resume continues from its own checkpoint")
         resume.verify_ranks_agree(state.step, state.digest(), resumed and resumed.path)
         # Restored before wrapping: DDP broadcasts rank 0's weights, which now equal all.
         self.model = distributed.wrap_ddp(self.module, self.device, cfg.model.sync_batchnorm)
@@ -173,6 +181,9 @@ class Trainer:
         cfg, state, self.tracker = self.cfg, self.state, tracker
         self.logits = LogitCheck(cfg.guard.dynamic, tracker, state.range_warning, state.step)
         start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
+        if self.early.due(self.best):  # the run being resumed had stopped early
+            self.early.announce_resumed(state.step, self.best)
+            return self.finish(stopped=False, early_stopped=True)
         batches = (
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
         )
@@ -183,6 +194,8 @@ class Trainer:
             began = time.perf_counter()
             out = train_step(self.parts, batches)  # forward, backward, clip, optimizer step
             state.step += 1
+            if state.ema is not None:  # gated on the device: a skipped step leaves it alone
+                state.ema.update(self.module, out.finite)
             samples = cfg.train.batch_size * cfg.train.grad_accum
             window.add(out.loss, out.grad_norm, out.wait_s, time.perf_counter() - began, samples)
             for worker, count in (pair.tolist() for pair in out.bad_records):
@@ -202,15 +215,20 @@ class Trainer:
                 tracker.log_train(state.step, self.train_metrics(window))
                 window = Window()
             paused = time.perf_counter()
-            improved = False
+            improved = early = False
             if (
                 cfg.train.eval_every and state.step % cfg.train.eval_every == 0
             ) or state.step == max_steps:
                 improved = self.evaluate()
-            if stop_now:
+                early = self.early.due(self.best)  # rank 0's count, broadcast: all agree
+            if stop_now or early:
                 self.save(improved)
-                stop.consume()
-                return self.finish(stopped=True)
+                if early:
+                    self.early.announce(state.step, self.best, tracker)
+                if stop_now:
+                    stop.consume()
+                # An early stop is a finished run (sweeps and cv must not resume it).
+                return self.finish(stopped=stop_now, early_stopped=early)
             if state.step % cfg.checkpoint.every_steps == 0 or state.step == max_steps or improved:
                 self.save(improved)
             # Validation and checkpoints are not training: keep them out of samples/s.
@@ -252,7 +270,7 @@ class Trainer:
         if not self.sources.val:
             return False
         result = validate(
-            self.module,
+            self.state.eval_model,  # the EMA weights when on
             self.sources.val,
             self.cfg,
             self.transform,
@@ -265,8 +283,10 @@ class Trainer:
             self.thresholds = record_eval(self.run_dir, self.state.step, result, self.tracker)
             self.last_metrics = result.metrics
             improved = self.best.update(result.metrics, self.state.step)
-        # Every rank must agree on whether best.pt is due: it decides a collective save.
-        return distributed.broadcast_object(improved)
+        # Every rank must agree on whether best.pt is due (it decides a collective save) and
+        # on an early stop (all end at this step): rank 0's verdict and count, to all.
+        improved, self.best.since = distributed.broadcast_object((improved, self.best.since))
+        return improved
 
     def save(self, improved: bool) -> None:
         """All ranks call this: each contributes its RNG state, rank 0 writes."""
@@ -292,26 +312,7 @@ class Trainer:
             )
         distributed.barrier()
 
-    def finish(self, stopped: bool) -> dict[str, Any]:
-        # Proof that no rank ran ahead or fell behind (uneven shards must not matter).
-        step = self.state.step
-        steps = distributed.gather_objects(step)
-        self.tracker.event("end", step, {"stopped": stopped, "steps_per_rank": steps})
-        self.tracker.close()
+    def finish(self, stopped: bool, early_stopped: bool = False) -> dict[str, Any]:
         best = self.best.state_dict()
-        if distributed.is_main():
-            value = "n/a" if best["value"] is None else f"{best['value']:.4f}"
-            print(
-                f"{'stopped' if stopped else 'done'} at step {step}: best val {best['metric']} "
-                f"{value} (step {best['step']}) | outputs in {self.run_dir} "
-                f"(config.yaml, metrics.jsonl, checkpoints/, eval/)",
-                flush=True,
-            )
-        return {
-            "step": step,
-            "steps_per_rank": steps,
-            "stopped": stopped,
-            "run_dir": str(self.run_dir),
-            "best": best,
-            "metrics": self.last_metrics,
-        }
+        step, metrics = self.state.step, self.last_metrics
+        return finish(self.tracker, step, best, metrics, self.run_dir, stopped, early_stopped)

@@ -1,14 +1,16 @@
 """What a training step changes and a resume restores, in one object.
 
 `TrainState` holds the step counter, the plain model (never its DDP or compiled wrapper),
-optimizer, LR scheduler, GradScaler, this rank's augmentation generator and the data
-position. `state_dict()` / `load_state_dict()` are the only way in and out; the checkpoint
-manager stores the dict and knows nothing of what is inside.
+optimizer, LR scheduler, GradScaler, the EMA of the weights (when on), this rank's
+augmentation generator and the data position. `state_dict()` / `load_state_dict()` are
+the only way in and out; the checkpoint manager stores the dict and knows nothing of what
+is inside.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +23,13 @@ from torch import nn
 from pipeline.checkpoint import restore_rng, rng_state
 from pipeline.config import Config
 from pipeline.data.position import Plan
+from pipeline.ema import Ema
 from pipeline.errors import CheckpointError
 from pipeline.logit_check import guard_static
 from pipeline.model import build_model
 from pipeline.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -40,6 +45,8 @@ class TrainState:
     """Optimizer steps taken: the one step counter of the run."""
     range_warning: str | None = None
     """The logit guard's range probe finding at build time (reported once training starts)."""
+    ema: Ema | None = None
+    """The weights' moving average (`model.ema_decay` > 0), else None."""
     data_problems: bool = False
     """Once any rank skipped a record, manifest counts overstate what the stream emits, so a
     resume must replay positions by real samples (see `Trainer.batches`)."""
@@ -75,8 +82,14 @@ class TrainState:
         """This rank's random states; `state_dict` takes every rank's, in rank order."""
         return rng_state(self.augment_rng)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores and `best.pt` is chosen by: the EMA weights when on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def state_dict(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         return {
+            **(self.ema.state_dict() if self.ema is not None else {}),
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -103,6 +116,10 @@ class TrainState:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
             raise CheckpointError(f"checkpoint {source}: model does not fit ({first})") from None
+        if self.ema is not None:
+            self.ema.load_state_dict(state, self.model)
+        elif "ema" in state:
+            log.info("model.ema_decay=0: the checkpoint's EMA weights are not carried on")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -140,6 +157,8 @@ def build_train_state(cfg: Config, device: torch.device, precision: str, rank: i
     fmt = torch.channels_last if cfg.data.dims == 2 else torch.channels_last_3d
     model = model.to(device, memory_format=fmt if cfg.model.channels_last else None)
     optimizer = build_optimizer(model, cfg.optim, device)
+    # After the move to the device: the EMA copy lives beside the weights it follows.
+    ema = Ema(model, cfg.model.ema_decay) if cfg.model.ema_decay > 0 else None
     return TrainState(
         model,
         optimizer,
@@ -148,5 +167,6 @@ def build_train_state(cfg: Config, device: torch.device, precision: str, rank: i
         torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + rank),
         grad_accum=cfg.train.grad_accum,
         seed=cfg.train.seed,
+        ema=ema,
         range_warning=range_warning,
     )

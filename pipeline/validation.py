@@ -89,21 +89,29 @@ class BestMetric:
         self.mode = metric_mode(metric) if mode in (None, "auto") else mode
         self.value: float | None = None
         self.step: int | None = None
+        self.since = 0
+        """Validations since the best one (or since the start): early stopping's count."""
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """True when `metrics` holds a new best (NaN never is)."""
         value = metrics.get(f"val/{self.metric}")
-        if value is None or not np.isfinite(value):
-            return False
-        better = self.value is None or (
-            value > self.value if self.mode == "max" else value < self.value
+        if value is None:
+            return False  # not measured (cpm_candidate without scan ids): nothing to count
+        better = (
+            bool(np.isfinite(value))  # a NaN evaluation counts as one without improvement
+            and (
+                self.value is None
+                or (value > self.value if self.mode == "max" else value < self.value)
+            )
         )
         if better:
             self.value, self.step = float(value), step
+        self.since = 0 if better else self.since + 1
         return better
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "mode": self.mode, "value": self.value, "step": self.step}
+        return {"metric": self.metric, "mode": self.mode, "value": self.value, "step": self.step,
+                "since": self.since}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the record, unless it was kept for another metric or direction."""
@@ -117,10 +125,12 @@ class BestMetric:
             )
             return
         self.value, self.step = state.get("value"), state.get("step")
+        self.since = int(state.get("since", 0))
 
     def reset(self, why: str) -> None:
         log.warning("best %s starts afresh: %s", self.metric, why)
         self.value = self.step = None
+        self.since = 0
 
 
 def record_eval(run_dir: Path, step: int, result: Validation, tracker: Tracker) -> dict[str, float]:

@@ -159,6 +159,20 @@ _B_CASES = {
 }  # fmt: skip
 CASES.update(_B_CASES)
 
+# -- engineer T's rows (issue 16 §3): EMA decay, fine-tuning sources.
+CASES.update({
+    "model.ema_decay=1.0": (["train", "model.ema_decay=1.0"], ["model.ema_decay", "[0, 1)", "1.0"]),
+    "model.ema_decay=-0.1": (["train", "model.ema_decay=-0.1"], ["model.ema_decay", "-0.1"]),
+    "init_from a missing checkpoint": (
+        _train("run.dir={tmp}/run-init-missing", "model.init_from={tmp}/gone.pt"),
+        ["model.init_from={tmp}/gone.pt", "checkpoint not found"],
+    ),
+    "init_from a checkpoint of another width (strict)": (
+        _train("run.dir={tmp}/run-init-wide", f"model.init_from={_CKPT}", "model.width=8"),
+        [f"model.init_from={_CKPT}", "shape differs", "branches.0.net.0.weight [4, 1, 3, 3] vs [8, 1, 3, 3]"],
+    ),
+})  # fmt: skip
+
 
 def _b_inputs(tmp, data, env) -> None:
     """A trained checkpoint, shards without a manifest, a live lock."""

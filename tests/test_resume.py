@@ -70,13 +70,17 @@ def _compare(straight: Path, resumed: Path, steps: int) -> None:
     assert a["step"] == b["step"] == steps
     for key in ("model", "optimizer", "scheduler", "scaler", "rng", "best", "thresholds"):
         assert_identical(a[key], b[key], key)
+    assert ("ema" in a) == ("ema" in b)
+    if "ema" in a:  # model.ema_decay on: the average resumes bit-exactly too
+        assert_identical(a["ema"], b["ema"], "ema")
+        assert a["ema_updates"] == b["ema_updates"] == steps + 1
     # The check has teeth: training moved the weights away from any resumed copy's init.
     assert a["optimizer"]["state"], "optimizer state is empty: nothing was trained"
 
 
 def test_single_process_with_workers_resumes_bit_exactly(shards, tmp_path):
     env = cli_env(tmp_path)
-    common = ("train.max_steps=24", "data.num_workers=2")
+    common = ("train.max_steps=24", "data.num_workers=2", "model.ema_decay=0.9")
     straight = run_cli(_args(shards, tmp_path / "straight", *common), env)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
