@@ -83,3 +83,28 @@ def test_validation_best_pt_and_export_use_the_ema_weights(one_step, shards, tmp
         got, want, raw = graph(*crops), model(*crops), raw_model(*crops)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert float((got - raw).abs().max()) > 1e-4, "raw and EMA weights give the same logits"
+
+
+def test_a_skipped_step_leaves_the_average_alone_without_a_host_read():
+    # The gate is the step's device-side `finite`; reading it would be a host sync.
+    from pipeline.ema import Ema
+    from tests.test_step_syncs import CountHostReads
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = Ema(model, DECAY)
+    model(torch.randn(8, 4))  # BatchNorm statistics and its counter move
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with CountHostReads() as counter:
+        ema.update(model, torch.tensor(False))
+    assert counter.count == 0
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+    ema.update(model, torch.tensor(True))
+    now, current = ema.module.state_dict(), model.state_dict()
+    for key, value in now.items():
+        want = current[key] if not value.is_floating_point() else (
+            DECAY * before[key] + (1 - DECAY) * current[key])  # fmt: skip
+        assert torch.allclose(value, want, rtol=0, atol=1e-6), key
