@@ -1,4 +1,4 @@
-"""The training loop: shards -> device crops -> logits -> BCEWithLogits -> step -> metrics.
+"""The training loop: shards -> device crops -> logits -> loss (BCE/focal) -> step -> metrics.
 
 Read it top to bottom: `train()` sets up the process, the run dir, the data, the resume
 and the tracker; `Trainer` builds the model and its state in data flow order; and
@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
 from pipeline.logit_check import LogitCheck
+from pipeline.losses import build_loss
 from pipeline.optim import apply_optim_config
 from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
 from pipeline.runtime import autocast, resolve_precision, setup_logging
@@ -154,7 +155,7 @@ class Trainer:
             state.optimizer,
             state.scheduler,
             state.scaler,
-            nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self.pos_weight, device=self.device)),
+            build_loss(cfg.loss, torch.tensor(self.pos_weight, device=self.device)),
             self.transform,
             lambda: autocast(self.precision, self.device),
             state.augment_rng,

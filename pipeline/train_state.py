@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.errors import CheckpointError
 from pipeline.logit_check import guard_static
 from pipeline.model import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TrainState:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
             raise CheckpointError(f"checkpoint {source}: model does not fit ({first})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # fresh if optim.name changed
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
