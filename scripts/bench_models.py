@@ -119,7 +119,11 @@ def bench_dims(dims: int, quick: bool, rounds: int) -> dict[str, Any]:
     return {
         "batch": batch,
         "presets": {
-            n: {"params": variants[n].params, **variants[n].shape, "samples_per_s": round(rates[n], 1)}
+            n: {
+                "params": variants[n].params,
+                **variants[n].shape,
+                "samples_per_s": round(rates[n], 1),
+            }
             for n in PRESETS
         },
         "planted_samples_per_s": round(rates[PLANTED], 1),
@@ -144,8 +148,20 @@ def write_markdown(out: dict[str, Any], path: str | None) -> None:
         "models",
         f"Model size presets: parameters and CPU training samples/s (fp32, 2 threads; 2D "
         f"batch {res['2d']['batch']}, 3D batch {res['3d']['batch']})",
-        table(["preset", "width", "depth", "features", "hidden", "2D params", "3D params",
-               "2D samples/s", "3D samples/s"], rows),  # fmt: skip
+        table(
+            [
+                "preset",
+                "width",
+                "depth",
+                "features",
+                "hidden",
+                "2D params",
+                "3D params",
+                "2D samples/s",
+                "3D samples/s",
+            ],
+            rows,
+        ),  # fmt: skip
         command=out["command"],
         machine=machine_line(shared=True),
         notes=f"Medians of {out['rounds']} interleaved rounds of the real `train_step` on one "

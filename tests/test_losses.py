@@ -44,10 +44,8 @@ def _by_hand(x: float, y: int, gamma: float, alpha: float | None, pos_weight: fl
     """Lin et al.: -w (1 - p_t)^gamma log p_t, p_t the probability of the true class."""
     p = 1 / (1 + math.exp(-x))
     p_t = p if y == 1 else 1 - p
-    if alpha is None:
-        w = pos_weight if y == 1 else 1.0
-    else:
-        w = alpha if y == 1 else 1 - alpha
+    weights = (pos_weight, 1.0) if alpha is None else (alpha, 1 - alpha)
+    w = weights[0] if y == 1 else weights[1]
     return -w * (1 - p_t) ** gamma * math.log(p_t)
 
 
@@ -60,12 +58,17 @@ def test_focal_value_matches_the_formula_worked_by_hand(gamma, alpha):
     criterion = _loss(name="focal", focal_gamma=gamma, focal_alpha=alpha, pos_weight=3.0)
     for x, y in zip(LOGITS.tolist(), LABELS.tolist(), strict=True):
         got = float(criterion(torch.tensor([x]), torch.tensor([y])))
-        assert got == pytest.approx(_by_hand(x, int(y), gamma, alpha, 3.0), rel=1e-4, abs=1e-12)  # fp32 BCE: ~1e-5 at tiny losses
+        assert got == pytest.approx(
+            _by_hand(x, int(y), gamma, alpha, 3.0), rel=1e-4, abs=1e-12
+        )  # fp32 BCE: ~1e-5 at tiny losses
     if (gamma, alpha) == (2.0, 0.25):
         got = float(criterion(torch.tensor([0.0]), torch.tensor([1.0])))
         assert got == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
     mean = float(criterion(LOGITS, LABELS))
-    hand = [_by_hand(x, int(y), gamma, alpha, 3.0) for x, y in zip(LOGITS.tolist(), LABELS.tolist())]
+    hand = [
+        _by_hand(x, int(y), gamma, alpha, 3.0)
+        for x, y in zip(LOGITS.tolist(), LABELS.tolist(), strict=True)
+    ]
     assert mean == pytest.approx(sum(hand) / len(hand), rel=1e-5)
 
 
@@ -113,5 +116,7 @@ def test_label_smoothing_moves_targets_towards_one_half():
     torch.testing.assert_close(smoothed(LOGITS, LABELS), expected, rtol=1e-6, atol=0)
     # The smoothed loss is lowest at a finite logit: log(0.95 / 0.05), not at +infinity.
     grid = torch.linspace(0, 8, 801)
-    best = grid[torch.stack([smoothed(torch.tensor([g]), torch.tensor([1.0])) for g in grid]).argmin()]
+    best = grid[
+        torch.stack([smoothed(torch.tensor([g]), torch.tensor([1.0])) for g in grid]).argmin()
+    ]
     assert float(best) == pytest.approx(math.log(2 * 0.95 / 0.05), abs=0.02)

@@ -118,7 +118,10 @@ def test_a_changed_optimizer_and_schedule_are_refused_unless_accepted(trained, t
     refused = run_cli(_args(shards, run_dir, *change), cli_env(tmp_path))
     assert refused.returncode == 2, refused.stderr[-3000:]
     lines = refused.stderr.strip().splitlines()
-    assert sorted(lines[-2:]) == ["  optim.name: adamw -> sgd", "  optim.schedule: cosine -> constant"]
+    assert sorted(lines[-2:]) == [
+        "  optim.name: adamw -> sgd",
+        "  optim.schedule: cosine -> constant",
+    ]
     accept = "checkpoint.accept_changes=[optim.name,optim.schedule]"
     result = run_cli(_args(shards, run_dir, *change, accept), cli_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
