@@ -321,7 +321,7 @@ class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate for the global batch (see README: scale it with the global batch)."""
     weight_decay: float = 1e-4
-    """Decoupled weight decay (not applied to norms and biases)."""
+    """Weight decay, not applied to norms and biases (AdamW: decoupled; SGD: L2 in the gradient)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     momentum: float = 0.9
