@@ -5,8 +5,9 @@ config), the real model, optimizer, loss and device transform take optimizer ste
 `pipeline.step.train_step` on one in-memory batch (so the loader does not enter the
 number). Variants take turns for `--rounds` rounds (load swings on a shared machine hit
 each alike); we report the median samples/s. A planted slow variant, the base model with
-a sleep of one base step inside its forward, must come out clearly slower than base: if
-not, the method cannot see a slower model and the script fails. Last stdout line: JSON.
+a sleep of one base step (of the same round) inside its forward, must come out clearly
+slower than base: if not, the method cannot see a slower model and the script fails.
+Last stdout line: one JSON object.
 
     python scripts/bench_models.py            # a few minutes on 2 CPU cores
     python scripts/bench_models.py --quick --dims 2   # under a minute: smoke test
@@ -110,11 +111,13 @@ def bench_dims(dims: int, quick: bool, rounds: int) -> dict[str, Any]:
     for variant in variants.values():
         variant.window(1 if quick else 3)  # warm-up: the first steps are several times slower
         variant.rates.clear()
-    sleepy.delay = variants["base"].window(steps)  # one base step
-    variants["base"].rates.clear()
-    for _ in range(rounds):  # interleaved
-        for variant in variants.values():
-            variant.window(steps)
+    delays = []
+    for _ in range(rounds):  # interleaved; base runs just before the planted variant
+        for name, variant in variants.items():
+            seconds = variant.window(steps)
+            if name == "base":  # the planted sleep: this round's base step (load drifts)
+                sleepy.delay = seconds
+                delays.append(seconds)
     rates = {n: statistics.median(v.rates) for n, v in variants.items()}
     return {
         "batch": batch,
@@ -127,7 +130,7 @@ def bench_dims(dims: int, quick: bool, rounds: int) -> dict[str, Any]:
             for n in PRESETS
         },
         "planted_samples_per_s": round(rates[PLANTED], 1),
-        "planted_delay_s": round(sleepy.delay, 4),
+        "planted_delay_s": round(statistics.median(delays), 4),
         "base_vs_planted": round(rates["base"] / rates[PLANTED], 2),
     }
 
