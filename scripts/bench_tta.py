@@ -72,7 +72,9 @@ def write_markdown(out: dict[str, Any], path: str | None) -> None:
         f"and {r['val']} validation candidates, seed {r['seed']}) scored three ways",
         table(["predict.tta", "AUROC", "AP", "evaluate seconds"], rows),
         command=out["command"],
-        machine=machine_line(shared=True),
+        # The load when the run ended (the JSON's), not when this table is written.
+        machine=machine_line(shared=False)
+        + f", shared with other work (load {out['machine']['load_average'][0]:.1f})",
         notes="AUROC and AP do not depend on the machine; the seconds do (each view is one "
         "forward pass; they include the process start).",
         path=path,
