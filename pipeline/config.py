@@ -22,6 +22,16 @@ from pipeline.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOG_CHECKPOINTS = ("none", "best", "all")
 WANDB_MODES = ("online", "offline", "disabled")
+LOSSES = ("bce", "focal")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+TTA = ("none", "flips", "dihedral")
+# model.preset -> the architecture keys it sets; `base` is the dataclass defaults.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "small": {"width": 4, "depth": 2, "features": 64, "hidden": 32},
+    "base": {"width": 8, "depth": 3, "features": 128, "hidden": 64},
+    "large": {"width": 16, "depth": 4, "features": 256, "hidden": 128},
+}
 # Validation metrics `checkpoint.metric` may name, with the direction that is better.
 # `cpm_candidate` and `froc_candidate_*` exist when validation samples carry a scan id.
 METRIC_MODES = {
@@ -303,9 +313,29 @@ class ModelConfig:
     freeze_steps: int = 0
     """Fine-tuning: the branches (`model.branches`) do not learn for the first N steps (only
     the head does); then everything trains. 0 = off."""
+    preset: str | None = None
+    """Size preset that sets width, depth, features and hidden: small | base | large
+    (base = the defaults above); null = use those keys as given. A key given with a
+    preset must equal the preset's value or the default (a default counts as not given)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "model.name", ("xception_like",))
+        if self.preset is not None:
+            _choice(self.preset, "model.preset", tuple(MODEL_PRESETS))
+            _require(
+                self.target is None,
+                "model.preset",
+                "sizes the built-in model only; drop it with model.target (use model.kwargs)",
+            )
+            for key, value in MODEL_PRESETS[self.preset].items():
+                given = getattr(self, key)
+                _require(
+                    given in (value, MODEL_PRESETS["base"][key]),
+                    f"model.{key}",
+                    f"{given} conflicts with model.preset={self.preset} (which sets {value}); "
+                    "drop one of them",
+                )
+                setattr(self, key, value)
         if self.target is not None:
             _require(
                 ":" in self.target, "model.target", "must look like package.module:ClassOrFactory"
@@ -325,22 +355,37 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay."""
+    """AdamW or SGD; linear warm-up, then a cosine, step or constant schedule."""
 
+    name: str = "adamw"
+    """adamw | sgd (SGD with `momentum`, optionally Nesterov)."""
     lr: float = 3e-3
     """Peak learning rate for the global batch (see README: scale it with the global batch)."""
     weight_decay: float = 1e-4
-    """Decoupled weight decay (not applied to norms and biases)."""
+    """Weight decay, not applied to norms and biases (AdamW: decoupled; SGD: L2 in the gradient)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD: Nesterov momentum (needs momentum > 0)."""
     warmup_steps: int = 30
-    """Linear warm-up steps from 0 to `lr`."""
+    """Linear warm-up steps from 0 to `lr`; must be < `train.max_steps`."""
+    schedule: str = "cosine"
+    """After the warm-up: cosine (to `lr * min_lr_ratio` at `train.max_steps`) | step
+    (times `step_gamma` at each of `step_milestones`) | constant."""
     min_lr_ratio: float = 0.02
     """Cosine decays to `lr * min_lr_ratio` at `train.max_steps`."""
+    step_milestones: list[float] = field(default_factory=lambda: [0.6, 0.85])
+    """Step schedule: where the lr drops, as increasing fractions of `train.max_steps` in (0, 1)."""
+    step_gamma: float = 0.1
+    """Step schedule: the lr is multiplied by this at each milestone."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = off). Clipped after unscaling."""
 
     def __post_init__(self) -> None:
+        _choice(self.name, "optim.name", OPTIMIZERS)
+        _choice(self.schedule, "optim.schedule", SCHEDULES)
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(
@@ -351,12 +396,35 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _require(
+            not (self.name == "sgd" and self.nesterov and self.momentum == 0),
+            "optim.nesterov",
+            "needs optim.momentum > 0 (or set optim.nesterov=false)",
+        )
+        marks = list(self.step_milestones)
+        _require(
+            all(0 < m < 1 for m in marks) and marks == sorted(set(marks)),
+            "optim.step_milestones",
+            f"must be increasing fractions of train.max_steps in (0, 1), got {marks}",
+        )
+        _require(0 < self.step_gamma <= 1, "optim.step_gamma", "must be in (0, 1]")
 
 
 @dataclass
 class LossConfig:
-    """BCEWithLogitsLoss on raw logits."""
+    """The training loss on raw logits: BCEWithLogits or sigmoid focal loss (pipeline/losses.py)."""
 
+    name: str = "bce"
+    """bce (BCEWithLogits with pos_weight) | focal (sigmoid focal loss on logits)."""
+    focal_gamma: float = 2.0
+    """Focal loss: the focusing exponent gamma (0 = BCE)."""
+    focal_alpha: float | None = None
+    """Focal loss: weight of positives in [0, 1] (negatives get 1 - alpha), used instead of
+    pos_weight; null = weigh positives by pos_weight as BCE does."""
+    label_smoothing: float = 0.0
+    """Targets y -> y (1 - eps) + eps / 2 for the training loss (validation loss uses the raw
+    labels); in [0, 0.5)."""
     pos_weight: Any = "auto"
     """Weight of positives: a number, or `auto` = negatives/positives from the train manifest."""
     max_pos_weight: float = 100.0
@@ -372,6 +440,18 @@ class LossConfig:
                 f"must be a positive number or 'auto', got {self.pos_weight!r}",
             )
         _require(self.max_pos_weight > 0, "loss.max_pos_weight", "must be > 0")
+        _choice(self.name, "loss.name", LOSSES)
+        _require(self.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
+        _require(
+            self.focal_alpha is None or 0 <= self.focal_alpha <= 1,
+            "loss.focal_alpha",
+            f"must be in [0, 1] or null, got {self.focal_alpha}",
+        )
+        _require(
+            0 <= self.label_smoothing < 0.5,
+            "loss.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
 
 
 @dataclass
@@ -541,6 +621,12 @@ class PredictConfig:
 
     threshold: str = "0.5"
     """A probability, or a named operating point: youden | f1 | sens90 | sens95 | fpr01."""
+    tta: str = "none"
+    """Test-time augmentation in `evaluate` and `predict`: none | flips | dihedral, the mean
+    logit over the transformed patches (pipeline/tta.py; 2D: 4 | 8 views, 3D: 8 | 16)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.tta, "predict.tta", TTA)
 
 
 @dataclass
@@ -621,6 +707,12 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
 def _check_cross_section(cfg: Config) -> None:
     if isinstance(cfg.loss.pos_weight, float) and not math.isfinite(cfg.loss.pos_weight):
         raise ConfigError("config: loss.pos_weight: must be finite")
+    _require(
+        cfg.optim.warmup_steps < cfg.train.max_steps,
+        "optim.warmup_steps",
+        f"{cfg.optim.warmup_steps} must be < train.max_steps ({cfg.train.max_steps}): "
+        "the warm-up would never finish",
+    )
 
 
 def to_yaml(cfg: Config) -> str:

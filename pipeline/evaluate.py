@@ -19,8 +19,9 @@ from pipeline.data.loader import EvalStream, StreamSpec, build_loader
 from pipeline.data.transforms import DeviceTransform
 from pipeline.errors import DataError
 from pipeline.metrics import binary_metrics
-from pipeline.model import as_logits, probabilities
+from pipeline.model import probabilities
 from pipeline.tracking.progress import work_progress
+from pipeline.tta import tta_logits
 
 if TYPE_CHECKING:
     from pipeline.froc import FrocResult, Marks
@@ -73,10 +74,12 @@ def predict_local(
     autocast: contextlib.AbstractContextManager,
     num_workers: int,
     progress: str | None = None,
+    tta: str = "none",
 ) -> Predictions:
     """This rank's share of the shards, in eval mode, no augmentation.
 
-    `progress` names a progress bar over this rank's samples (None: no bar).
+    `progress` names a progress bar over this rank's samples (None: no bar). `tta`: the
+    test-time augmentation, mean logit over its views (pipeline/tta.py; `none`: one pass).
     """
     was_training = model.training
     model.eval()
@@ -89,10 +92,9 @@ def predict_local(
     total = _samples_in(mine) if progress is not None else None
     with work_progress(total, progress or "", enabled=progress is not None) as bar:
         for batch in loader:
-            crops = transform(batch["patch"].to(device, non_blocking=True), train=False)
-            with autocast:
-                out = as_logits(model(*crops))
-            logits.append(out.float().cpu().numpy())
+            patch = batch["patch"].to(device, non_blocking=True)
+            out = tta_logits(model, patch, transform, autocast, tta)
+            logits.append(out.cpu().numpy())
             labels.append(batch["label"].numpy())
             ids.extend(batch["ids"])
             if batch["groups"] is None:
@@ -147,7 +149,8 @@ def predict_shards(
 ) -> Predictions | None:
     """A trained model over `shards` with validation's transform, every rank's share gathered.
 
-    What `pipeline evaluate` and `pipeline predict` share; `cfg` is the checkpoint's Config.
+    What `pipeline evaluate` and `pipeline predict` share; `cfg` is the checkpoint's Config
+    (with the command's overrides: `predict.tta` chooses the test-time augmentation).
     `allow_unknown` (predict) admits unlabelled samples (label 255). `progress` names the
     bar rank 0 shows over its share. Rank 0 gets the predictions, other ranks None.
     """
@@ -177,6 +180,7 @@ def predict_shards(
             autocast(precision, device),
             cfg.data.num_workers,
             progress if env.rank == 0 else None,
+            cfg.predict.tta,
         )
 
 

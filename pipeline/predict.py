@@ -6,7 +6,8 @@ the LUNA16 submission CSV instead: `seriesuid,coordX,coordY,coordZ,probability`.
 
 Under torchrun each rank predicts its share of the shards (shards[rank::world], as
 validation does), rank 0 gathers the rows and writes one file. The transform is
-validation's: the checkpoint's normalisation, no augmentation.
+validation's: the checkpoint's normalisation, no augmentation; `predict.tta=flips|dihedral`
+averages the logit over flipped/rotated views of each patch (pipeline/tta.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training loop: shards -> device crops -> logits -> BCEWithLogits -> step -> metrics.
+"""The training loop: shards -> device crops -> logits -> loss (BCE/focal) -> step -> metrics.
 
 Read it top to bottom: `train()` sets up the process, the run dir, the data, the resume
 and the tracker; `Trainer` builds the model and its state in data flow order; and
@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
 from pipeline.logit_check import LogitCheck
+from pipeline.losses import build_loss
 from pipeline.optim import apply_optim_config
 from pipeline.resume_stream import resume_stream
 from pipeline.run_end import finish
@@ -166,7 +167,7 @@ class Trainer:
             state.optimizer,
             state.scheduler,
             state.scaler,
-            nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self.pos_weight, device=self.device)),
+            build_loss(cfg.loss, torch.tensor(self.pos_weight, device=self.device)),
             self.transform,
             lambda: autocast(self.precision, self.device),
             state.augment_rng,

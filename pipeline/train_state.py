@@ -27,7 +27,7 @@ from pipeline.ema import Ema
 from pipeline.errors import CheckpointError
 from pipeline.logit_check import guard_static
 from pipeline.model import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 log = logging.getLogger("pipeline")
 
@@ -120,7 +120,7 @@ class TrainState:
             self.ema.load_state_dict(state, self.model)
         elif "ema" in state:
             log.info("model.ema_decay=0: the checkpoint's EMA weights are not carried on")
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # fresh if optim.name changed
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])

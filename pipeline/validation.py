@@ -38,7 +38,10 @@ class Validation:
 
 
 def validation_loss(preds: Predictions, pos_weight: float) -> float:
-    """The training criterion (BCEWithLogits with pos_weight) over all validation samples."""
+    """BCEWithLogits with pos_weight on the raw labels over all validation samples.
+
+    Whatever the training loss (`loss.name`, `loss.label_smoothing`): one number that
+    compares across losses, and the one `checkpoint.metric=loss` selects by."""
     if len(preds.labels) == 0:
         return math.nan
     logits = torch.from_numpy(preds.logits).double()

@@ -173,6 +173,40 @@ CASES.update({
     ),
 })  # fmt: skip
 
+# -- engineer O's rows (issue 16 §3): losses, optimizers, schedules, presets, TTA.
+CASES.update({
+    "unknown loss name": (["train", "loss.name=hinge"], ["loss.name", "bce|focal", "'hinge'"]),
+    "unknown optimizer": (["train", "optim.name=adam"], ["optim.name", "adamw|sgd", "'adam'"]),
+    "unknown schedule": (
+        ["train", "optim.schedule=linear"],
+        ["optim.schedule", "cosine|step|constant", "'linear'"],
+    ),
+    "warm-up not shorter than max_steps": (
+        ["train", "optim.warmup_steps=50", "train.max_steps=50"],
+        ["optim.warmup_steps", "50 must be < train.max_steps (50)"],
+    ),
+    "focal_alpha out of [0, 1]": (
+        ["train", "loss.name=focal", "loss.focal_alpha=1.5"],
+        ["loss.focal_alpha", "[0, 1]", "1.5"],
+    ),
+    "label_smoothing out of [0, 0.5)": (
+        ["train", "loss.label_smoothing=0.6"],
+        ["loss.label_smoothing", "[0, 0.5)", "0.6"],
+    ),
+    "unknown model preset": (
+        ["train", "model.preset=huge"],
+        ["model.preset", "small|base|large", "'huge'"],
+    ),
+    "model preset with a conflicting width": (
+        ["train", "model.preset=small", "model.width=16"],
+        ["model.width", "16 conflicts with model.preset=small (which sets 4)"],
+    ),
+    "evaluate with an unknown tta": (
+        ["evaluate", "--checkpoint", _CKPT, "predict.tta=rotate"],
+        ["predict.tta", "none|flips|dihedral", "'rotate'"],
+    ),
+})  # fmt: skip
+
 
 def _b_inputs(tmp, data, env) -> None:
     """A trained checkpoint, shards without a manifest, a live lock."""

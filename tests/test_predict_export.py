@@ -268,3 +268,27 @@ def test_export_cli_reports_the_check_and_onnx_takes_any_batch_size(trained, tmp
     for batch in (1, 5):
         patch = np.random.default_rng(batch).integers(0, 256, (batch, 1, 48, 48), np.uint8)
         assert session.run(None, {"patch": patch})[0].shape == (batch,)
+
+
+def test_evaluate_with_tta_scores_the_mean_logit_over_the_flips(trained, real_batch):
+    """`pipeline evaluate ... predict.tta=flips`: its saved logits are the mean of the
+    model's logits on the four flipped patches (computed here from the shard itself)."""
+    out_dir = Path(trained["ckpt"]).parent.parent / "eval"
+    done = run_cli(["evaluate", "--checkpoint", trained["ckpt"], "predict.tta=flips"],
+                   cli_env(trained["tmp"]))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout)
+    assert 0.0 <= metrics["auroc"] <= 1.0
+    saved = np.load(out_dir / "predictions-last.npz")
+    by_id = dict(zip(saved["ids"].tolist(), saved["logits"].tolist(), strict=True))
+    assert len(by_id) == trained["val_samples"]
+    cfg, model, _ = load_trained(trained["ckpt"])
+    block = next(read_blocks(expand_shards(trained["val"]), "fail", ProblemLog()))
+    patch = torch.from_numpy(block.patch)
+    with torch.no_grad():
+        views = [patch, patch.flip(-1), patch.flip(-2), patch.flip(-2, -1)]
+        each = [as_logits(model(*eval_transform(cfg)(v, train=False))).float() for v in views]
+    want = torch.stack(each).mean(0)
+    got = torch.tensor([by_id[i] for i in block.ids])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert not torch.allclose(got, real_batch["logits"], atol=1e-4)  # not the plain pass

@@ -109,3 +109,32 @@ def test_an_accepted_new_validation_set_starts_best_afresh(trained, tmp_path):
     assert "best auroc starts afresh: the validation set (data.val) changed" in result.stderr
     best = checkpoint.load(run_dir / "checkpoints" / "last.pt")["best"]
     assert best["step"] == 9  # the only evaluation on the new set
+
+
+def test_a_changed_optimizer_and_schedule_are_refused_unless_accepted(trained, tmp_path):
+    shards, _, source = trained
+    run_dir = _copy(source, tmp_path)
+    change = ("train.max_steps=8", "optim.name=sgd", "optim.schedule=constant")
+    refused = run_cli(_args(shards, run_dir, *change), cli_env(tmp_path))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert sorted(lines[-2:]) == [
+        "  optim.name: adamw -> sgd",
+        "  optim.schedule: cosine -> constant",
+    ]
+    accept = "checkpoint.accept_changes=[optim.name,optim.schedule]"
+    result = run_cli(_args(shards, run_dir, *change, accept), cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # AdamW's moments mean nothing to SGD: the new optimizer starts from fresh state.
+    assert "optim.name adamw -> sgd: the optimizer state starts fresh" in result.stderr
+    logged = {
+        r["step"]: r["train/lr"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "train"
+    }
+    assert logged[7] == logged[8] == pytest.approx(0.003)  # constant after the warm-up
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["contract"]["optim.name"] == "sgd"
+    assert {(g["momentum"], g["nesterov"]) for g in state["optimizer"]["param_groups"]} == {
+        (0.9, True)
+    }
