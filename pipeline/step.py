@@ -20,14 +20,20 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline import distributed
 from pipeline.data.transforms import DeviceTransform
+from pipeline.losses import build_loss
 from pipeline.model import as_logits
+from pipeline.runtime import autocast
+
+if TYPE_CHECKING:  # import cycles at runtime: train_state builds models and optimizers
+    from pipeline.config import Config
+    from pipeline.train_state import TrainState
 
 
 @dataclass
@@ -140,6 +146,38 @@ def _step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None
             del optimizer.grad_scale, optimizer.found_inf
     elif bool(finite):
         optimizer.step()
+
+
+def step_parts(
+    cfg: Config,
+    state: TrainState,
+    model: nn.Module,
+    ddp: nn.parallel.DistributedDataParallel | None,
+    pos_weight: float,
+    precision: str,
+    device: torch.device,
+) -> StepParts:
+    """The training run's step: `model` (wrapped) and `state`'s optimizer, schedule and
+    scaler, the configured loss, and the augmenting device transform."""
+    data = cfg.data
+    transform = DeviceTransform(
+        data.scales, data.window, data.mean, data.std, data.augment, cfg.model.channels_last
+    )
+    return StepParts(
+        model,
+        ddp,
+        state.optimizer,
+        state.scheduler,
+        state.scaler,
+        build_loss(cfg.loss, torch.tensor(pos_weight, device=device)),
+        transform,
+        lambda: autocast(precision, device),
+        state.augment_rng,
+        device,
+        cfg.train.grad_accum,
+        cfg.optim.grad_clip,
+        precision,
+    )
 
 
 class NonFiniteSteps:

@@ -19,19 +19,17 @@ from pipeline import distributed, finetune, resume, run_lock
 from pipeline.checkpoint import CheckpointManager
 from pipeline.config import Config, to_dict
 from pipeline.data import balance
-from pipeline.data.transforms import DeviceTransform
 from pipeline.early_stop import EarlyStop
 from pipeline.errors import PipelineError
 from pipeline.failures import on_failure
 from pipeline.host_memory import keep_freed_memory
 from pipeline.logit_check import LogitCheck
-from pipeline.losses import build_loss
 from pipeline.optim import apply_optim_config
 from pipeline.resume_stream import resume_stream
 from pipeline.run_end import finish
 from pipeline.run_setup import Window, open_tracker, prepare_data, train_batches
-from pipeline.runtime import autocast, resolve_precision, setup_logging
-from pipeline.step import NonFiniteSteps, StepParts, train_step
+from pipeline.runtime import resolve_precision, setup_logging
+from pipeline.step import NonFiniteSteps, step_parts, train_step
 from pipeline.stopping import StopRequest
 from pipeline.tracking import Tracker
 from pipeline.train_state import build_train_state
@@ -121,6 +119,7 @@ class Trainer:
     ) -> None:
         """The chosen checkpoint (or fresh seeds), agreed by every rank, then DDP."""
         cfg, state, env = self.cfg, self.state, distributed.env()
+        precision, device = self.precision, self.device
         self.checkpoints, self.run_dir = checkpoints, checkpoints.dir.parent
         self.contract = contract
         if resumed is None:
@@ -153,29 +152,8 @@ class Trainer:
         ddp = self.model if isinstance(self.model, nn.parallel.DistributedDataParallel) else None
         if cfg.model.compile:
             self.model = torch.compile(self.model)  # `ddp` stays apart: it holds no_sync()
-        self.transform = DeviceTransform(
-            cfg.data.scales,
-            cfg.data.window,
-            cfg.data.mean,
-            cfg.data.std,
-            cfg.data.augment,
-            cfg.model.channels_last,
-        )
-        self.parts = StepParts(
-            self.model,
-            ddp,
-            state.optimizer,
-            state.scheduler,
-            state.scaler,
-            build_loss(cfg.loss, torch.tensor(self.pos_weight, device=self.device)),
-            self.transform,
-            lambda: autocast(self.precision, self.device),
-            state.augment_rng,
-            self.device,
-            cfg.train.grad_accum,
-            cfg.optim.grad_clip,
-            self.precision,
-        )
+        self.parts = step_parts(cfg, state, self.model, ddp, self.pos_weight, precision, device)
+        self.transform = self.parts.transform
 
     def fit(self, tracker: Tracker) -> dict[str, Any]:
         """Train to `train.max_steps` (or a stop request); `tracker` records it all."""
