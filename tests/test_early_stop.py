@@ -80,7 +80,7 @@ def test_two_ranks_fine_tuned_with_ema_and_frozen_branches_stop_early_at_the_sam
     under DDP, EMA, and the early stop agreed by both ranks."""
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "source"
-    train_tiny(shards, source, "model.ema_decay=0.5", "train.max_steps=1")
+    train_tiny(shards, source, "model.ema_decay=0.5", "train.max_steps=1", "optim.warmup_steps=0")
     run_dir = tmp_path / "run"
     args = train_args(shards, run_dir, "train.batch_size=8", "model.ema_decay=0.9",
                       f"model.init_from={source}", "model.freeze_steps=2",

@@ -30,7 +30,7 @@ def one_step(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ema_run")
     mp = pytest.MonkeyPatch()
     mp.setenv("PIPELINE_CACHE", str(tmp / "cache"))
-    extra = (f"model.ema_decay={DECAY}", "train.max_steps=1")
+    extra = (f"model.ema_decay={DECAY}", "train.max_steps=1", "optim.warmup_steps=0")
     result = train_tiny(shards, tmp / "run", *extra)
     initial = build_train_state(tiny_config(shards, tmp / "run", *extra), torch.device("cpu"),
                                 "fp32", 0).model.state_dict()  # fmt: skip

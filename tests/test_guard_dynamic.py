@@ -183,6 +183,7 @@ def test_healthy_model_never_trips_the_dynamic_guard(name, positive_fraction, tm
         "guard.check_every=1",
         f"train.batch_size={2 if dims == 3 else 16}",
         f"train.max_steps={2 if dims == 3 else 5}",
+        "optim.warmup_steps=1",  # the configs' warm-ups are longer than these runs
         "train.threads=1",
         "train.eval_every=0",
         "train.log_every=1",
