@@ -208,7 +208,9 @@ def render_table(results: dict[str, dict[str, Any]], seeds: int) -> str:
             rows.append([name, row["status"], "", ""])
         else:
             rows.append([name, *(cell(row, m) for m in METRICS)])
-    return table([f"row (mean ± std of {seeds} seeds)", "AUROC", "CPM (candidate)", "accuracy"], rows)
+    return table(
+        [f"row (mean ± std of {seeds} seeds)", "AUROC", "CPM (candidate)", "accuracy"], rows
+    )
 
 
 def write_readme(path: Path, text: str) -> None:
@@ -221,6 +223,35 @@ def write_readme(path: Path, text: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
+def publish(summary: dict[str, Any], readme: Path | None, md: Path | None) -> None:
+    """The README's Recipes table and the BENCHMARKS.md section, from one run's JSON."""
+    text = render_table(summary["rows"], summary["seeds"])
+    m = summary["machine"]
+    # Older JSON lines lack the one-line machine and the command: rebuild them.
+    machine = summary.get("machine_line") or (
+        f"{m['cpus']}-core {m['cpu_model']}, torch {m['torch']}, load {m['load_average'][0]}"
+    )
+    command = summary.get("command", "python scripts/bench_recipe.py")
+    data = summary["data"]
+    caption = (
+        f"{summary['steps']} steps, batch {summary['batch_size']}, model {summary['model']}, "
+        f"{data['difficulty']} synthetic data ({data['train']} training / {data['val']} "
+        f"validation candidates, stored {data['size']} px); measured on "
+        f"{machine}; `{command}`."
+    )
+    gap = summary["margin_auroc"]
+    notes = "Preset minus defaults, mean validation AUROC: " + (
+        "n/a (a row is unavailable)" if gap is None else f"{gap:+.3f}"
+    )
+    if readme is not None:
+        write_readme(readme, f"{caption}\n\n{text}\n\n{notes}.")
+    if md is not None:
+        write_section(
+            "recipes", "Training recipe on hard synthetic data", text,
+            command=command, machine=machine, notes=notes, path=md,
+        )  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 200)")
@@ -231,13 +262,24 @@ def main() -> int:
     parser.add_argument("--with-3d", action="store_true", help="add the 3D rows")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the rows")
     parser.add_argument(
-        "--difficulty", choices=("easy", "hard"), default="hard", help="easy: the same rows on the demo data, for comparison"
+        "--difficulty",
+        choices=("easy", "hard"),
+        default="hard",
+        help="easy: the same rows on the demo data, for comparison",
     )
     parser.add_argument("--quick", action="store_true", help="tiny data and steps: smoke run")
     parser.add_argument("--require-margin", type=float, default=None, metavar="X")
     parser.add_argument("--md", type=Path, default=None, help="BENCHMARKS.md to write")
     parser.add_argument("--readme", type=Path, default=None, help="README.md to write")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, metavar="FILE",
+        help="write the README table and BENCHMARKS.md section from an earlier run's JSON line",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.from_json is not None:
+        summary = json.loads(args.from_json.read_text().strip().splitlines()[-1])
+        publish(summary, args.readme or ROOT / "README.md", args.md)
+        return 0
     args.steps = args.steps or (6 if args.quick else 200)
     args.batch = args.batch or (16 if args.quick else 64)
     args.train, args.val = (512, 512) if args.quick else (4096, 4096)
@@ -250,6 +292,7 @@ def main() -> int:
             parser.error(f"--rows: unknown {unknown}; rows: {', '.join(rows)}")
         rows = {name: rows[name] for name in wanted}
     started = time.perf_counter()
+    measured_on = machine_line(shared=True)  # the load while it runs, not after
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as work:
         results = run_rows(rows, args, Path(work))
     gap = margin(results)
@@ -260,29 +303,22 @@ def main() -> int:
         "batch_size": args.batch,
         "seeds": args.seeds,
         "model": MODEL,
-        "data": {"difficulty": args.difficulty, "train": args.train, "val": args.val, "size": args.size},
+        "data": {
+            "difficulty": args.difficulty,
+            "train": args.train,
+            "val": args.val,
+            "size": args.size,
+        },
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine_info("cpu"),
+        "machine_line": measured_on,
+        "command": " ".join(["python scripts/bench_recipe.py", *sys.argv[1:]]),
     }
-    command = "python scripts/bench_recipe.py" + (" --with-3d" if args.with_3d else "")
-    text = render_table(results, args.seeds)
-    caption = (
-        f"{args.steps} steps, batch {args.batch}, model {MODEL}, hard synthetic data "
-        f"({args.train} training / {args.val} validation candidates, 1:100); "
-        f"measured on {machine_line(shared=True)}; `{command}`."
-    )
-    readme = args.readme or (None if args.quick else ROOT / "README.md")
-    if readme is not None and not args.rows and args.difficulty == "hard":
-        write_readme(readme, f"{caption}\n\n{text}")
-    md = args.md
-    # As every benchmark: the repository's copy by default, but only for the whole table.
-    if md is not None or (not args.quick and not args.rows and args.difficulty == "hard"):
-        notes = "Preset minus defaults, mean AUROC: " + ("n/a" if gap is None else f"{gap:+.3f}")
-        write_section(
-            "recipes", "Training recipe on hard synthetic data", text,
-            command=command, machine=machine_line(shared=True), notes=notes,
-            **({"path": md} if md is not None else {}),
-        )  # fmt: skip
+    # As every benchmark: the repository's files by default, but only for the whole table.
+    whole = not args.quick and not args.rows and args.difficulty == "hard"
+    readme = args.readme or (ROOT / "README.md" if whole else None)
+    if readme is not None or args.md is not None:
+        publish(summary, readme, args.md or (ROOT / "BENCHMARKS.md" if whole else None))
     print(json.dumps(summary))
     if args.require_margin is not None and (gap is None or gap < args.require_margin):
         print(

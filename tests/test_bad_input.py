@@ -99,6 +99,16 @@ CASES: dict[str, tuple] = {
         ["train", "checkpoint.mode=up"],
         ["checkpoint.mode", "auto|max|min", "'up'"],
     ),
+    # -- engineer S (recipes): the synthetic demo's difficulty ----------------------------
+    "data.synthetic.difficulty unknown": (
+        ["train", "data.synthetic.difficulty=medium"],
+        ["data.synthetic.difficulty", "easy|hard", "'medium'"],
+    ),
+    "make-synthetic --positive-fraction outside (0, 1) with --difficulty hard": (
+        ["make-synthetic", "--out", "{tmp}/syn-bad", "--difficulty", "hard"]
+        + ["--positive-fraction", "0"],
+        ["make-synthetic: positive_fraction", "must be in (0, 1), got 0.0"],
+    ),
 }
 
 # -- engineer B's rows (issue 14 §3, §6, §7): shards vs config, checkpoints vs overrides,
