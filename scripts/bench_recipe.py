@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -200,6 +201,8 @@ def margin(results: dict[str, dict[str, Any]]) -> float | None:
 
 def render_table(results: dict[str, dict[str, Any]], seeds: int) -> str:
     def cell(row: dict[str, Any], m: str) -> str:
+        if len(row[m]["values"]) == 1:  # one seed has no spread to show
+            return f"{row[m]['mean']:.3f}"
         return f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}"
 
     rows = []
@@ -208,9 +211,8 @@ def render_table(results: dict[str, dict[str, Any]], seeds: int) -> str:
             rows.append([name, row["status"], "", ""])
         else:
             rows.append([name, *(cell(row, m) for m in METRICS)])
-    return table(
-        [f"row (mean ± std of {seeds} seeds)", "AUROC", "CPM (candidate)", "accuracy"], rows
-    )
+    head = f"row (mean ± std of {seeds} seeds)" if seeds > 1 else "row (1 seed)"
+    return table([head, "AUROC", "CPM (candidate)", "accuracy at 0.5"], rows)
 
 
 def write_readme(path: Path, text: str) -> None:
@@ -231,7 +233,9 @@ def publish(summary: dict[str, Any], readme: Path | None, md: Path | None) -> No
     machine = summary.get("machine_line") or (
         f"{m['cpus']}-core {m['cpu_model']}, torch {m['torch']}, load {m['load_average'][0]}"
     )
+    # Where this run wrote its files is no part of how to reproduce it.
     command = summary.get("command", "python scripts/bench_recipe.py")
+    command = re.sub(r" --(readme|md) \S+", "", command)
     data = summary["data"]
     caption = (
         f"{summary['steps']} steps, batch {summary['batch_size']}, model {summary['model']}, "
@@ -243,6 +247,9 @@ def publish(summary: dict[str, Any], readme: Path | None, md: Path | None) -> No
     notes = "Preset minus defaults, mean validation AUROC: " + (
         "n/a (a row is unavailable)" if gap is None else f"{gap:+.3f}"
     )
+    # At 1:100 the all-negative answer scores 0.99: accuracy says little here; AUROC and CPM do.
+    ratio = "1 positive in 100" if data["difficulty"] == "hard" else "1 positive in 4"
+    notes += f". Accuracy at threshold 0.5; {data['difficulty']} data has {ratio}"
     if readme is not None:
         write_readme(readme, f"{caption}\n\n{text}\n\n{notes}.")
     if md is not None:
@@ -303,6 +310,7 @@ def main() -> int:
         "batch_size": args.batch,
         "seeds": args.seeds,
         "model": MODEL,
+        "data_3d": {"train": args.train // 4, "val": args.val // 4} if args.with_3d else None,
         "data": {
             "difficulty": args.difficulty,
             "train": args.train,
