@@ -96,7 +96,7 @@ def test_bench_recipe_reports_every_row_and_fails_loudly_below_the_required_marg
     # One seed of --quick on hard synthetic data. No preset can beat the defaults by 2 AUROC
     # points of 1: the margin check must fail the run (exit 1, after the JSON), not pass it.
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n<!-- recipes:begin -->\nold\n<!-- recipes:end -->\ntail\n")
+    readme.write_text("# x\n\n<!-- recipes:begin -->\nstale table\n<!-- recipes:end -->\ntail\n")
     md = tmp_path / "BENCHMARKS.md"
     process = _start("bench_recipe.py", tmp_path, "--seeds", "1", "--require-margin", "2",
                      "--readme", str(readme), "--md", str(md))  # fmt: skip
@@ -118,6 +118,6 @@ def test_bench_recipe_reports_every_row_and_fails_loudly_below_the_required_marg
             assert row["status"].startswith("unavailable (") and "unknown" in row["status"]
     assert result["data"]["difficulty"] == "hard" and result["seeds"] == 1
     table = readme.read_text()
-    assert "old" not in table and table.endswith("<!-- recipes:end -->\ntail\n")
+    assert "stale table" not in table and table.endswith("<!-- recipes:end -->\ntail\n")
     assert "| defaults |" in table and "| augmentation |" in table
     assert "<!-- bench:recipes:begin -->" in md.read_text()
