@@ -49,7 +49,8 @@ AUGMENT = [
     "data.augment.intensity_shift=0.1",
     "data.augment.noise_std=0.03",
 ]
-BALANCE = ["data.balance=0.25"]
+# As both presets: balanced batches already reweight, so the loss does not weight again.
+BALANCE = ["data.balance=0.25", "loss.pos_weight=1.0"]
 EMA = ["model.ema_decay=0.99"]  # a ~100-step window: the bench runs are short
 FOCAL = ["loss.name=focal"]
 TTA = ["predict.tta=dihedral"]
