@@ -7,7 +7,7 @@ What the candidates look like, and why the task needs context, is in `phantoms.p
 
 Two difficulties (`--difficulty`, `data.synthetic.difficulty`):
 - `easy` (the demo): structures within a few pixels of the patch centre, 1 positive in 4.
-  Its bytes are those of every earlier release of this generator (tests pin a digest).
+  Its bytes are those of GENERATOR_VERSION 2 before difficulties existed (a test pins them).
 - `hard`: what a detector hands over. Each structure sits 2-6 pixels/voxels from the patch
   centre in a random direction (mean 4), and 1 candidate in 100 is positive. Orientation
   is uniformly random in both (every structure's axis is a random unit vector, not a
