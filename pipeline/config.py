@@ -77,8 +77,12 @@ class SyntheticConfig:
     """Number of training candidates to generate."""
     val: int = 4096
     """Number of validation candidates to generate."""
-    positive_fraction: float = 0.25
-    """Fraction of positives. Real data is far more skewed; the demo keeps it learnable fast."""
+    difficulty: str = "easy"
+    """`easy` (centred structures, the demo) or `hard` (centres 2-6 px/voxels off as a
+    detector's are, 1:100 positives; see pipeline/data/synthetic.py)."""
+    positive_fraction: float | None = None
+    """Fraction of positives; null = the difficulty's (easy 0.25, hard 0.01). Real data is
+    far more skewed than easy; the demo keeps it learnable fast."""
     seed: int = 0
     """Generator seed; the same seed gives byte-identical shards."""
     block_size: int = 256
@@ -89,10 +93,11 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         _require(self.train > 0, "data.synthetic.train", "must be > 0")
         _require(self.val > 0, "data.synthetic.val", "must be > 0")
+        _choice(self.difficulty, "data.synthetic.difficulty", ("easy", "hard"))
         _require(
-            0.0 < self.positive_fraction < 1.0,
+            self.positive_fraction is None or 0.0 < self.positive_fraction < 1.0,
             "data.synthetic.positive_fraction",
-            "must be in (0, 1)",
+            "must be in (0, 1) or null",
         )
         _require(self.block_size > 0, "data.synthetic.block_size", "must be > 0")
         _require(self.shards > 0, "data.synthetic.shards", "must be > 0")

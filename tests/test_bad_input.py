@@ -111,6 +111,16 @@ CASES: dict[str, tuple] = {
         _train("run.dir={tmp}/run-balance", "data.balance=0.99", "train.batch_size=4"),
         ["data.balance=0.99 with train.batch_size=4", "all 4 samples", "from the reservoir"],
     ),
+    # -- engineer S (recipes): the synthetic demo's difficulty ----------------------------
+    "data.synthetic.difficulty unknown": (
+        ["train", "data.synthetic.difficulty=medium"],
+        ["data.synthetic.difficulty", "easy|hard", "'medium'"],
+    ),
+    "make-synthetic --positive-fraction outside (0, 1) with --difficulty hard": (
+        ["make-synthetic", "--out", "{tmp}/syn-bad", "--difficulty", "hard"]
+        + ["--positive-fraction", "0"],
+        ["make-synthetic: positive_fraction", "must be in (0, 1), got 0.0"],
+    ),
 }
 
 # -- engineer B's rows (issue 14 §3, §6, §7): shards vs config, checkpoints vs overrides,

@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, cli_env
 
 
@@ -87,3 +89,35 @@ def test_the_benchmarks_print_json_with_the_required_keys(tmp_path):
         "pairs again" in text
         and "**delivered to the trainer**: fast reader, 1 worker, shared-memory ring" in text
     )
+
+
+@pytest.mark.slow
+def test_bench_recipe_reports_every_row_and_fails_loudly_below_the_required_margin(tmp_path):
+    # One seed of --quick on hard synthetic data. No preset can beat the defaults by 2 AUROC
+    # points of 1: the margin check must fail the run (exit 1, after the JSON), not pass it.
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- recipes:begin -->\nstale table\n<!-- recipes:end -->\ntail\n")
+    md = tmp_path / "BENCHMARKS.md"
+    process = _start("bench_recipe.py", tmp_path, "--seeds", "1", "--require-margin", "2",
+                     "--readme", str(readme), "--md", str(md))  # fmt: skip
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "bench_recipe: FAILED: preset minus defaults AUROC" in stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert list(rows) == ["defaults", "augmentation", "balance", "ema", "focal loss", "tta",
+                          "preset", "preset + tta"]  # fmt: skip
+    for name in ("defaults", "augmentation"):  # keys every checkout has
+        assert rows[name]["status"] == "ok", rows[name]
+    for name, row in rows.items():
+        if row["status"] == "ok":
+            for metric in ("auroc", "cpm_candidate", "accuracy"):
+                assert len(row[metric]["values"]) == 1, (name, metric)
+                assert 0.0 <= row[metric]["mean"] <= 1.0 and row[metric]["std"] == 0.0
+        else:  # not merged here yet: named, not crashed
+            assert row["status"].startswith("unavailable (") and "unknown" in row["status"]
+    assert result["data"]["difficulty"] == "hard" and result["seeds"] == 1
+    table = readme.read_text()
+    assert "stale table" not in table and table.endswith("<!-- recipes:end -->\ntail\n")
+    assert "| defaults |" in table and "| augmentation |" in table
+    assert "<!-- bench:recipes:begin -->" in md.read_text()

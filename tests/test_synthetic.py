@@ -238,3 +238,91 @@ def test_cli_refuses_a_non_empty_out_unless_overwrite(tmp_path):
     replaced = run_cli([*args, "--overwrite"], cli_env(tmp_path), 120)
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((out / MANIFEST_NAME).read_text())["splits"]["train"]["samples"] == 48
+
+
+# sha256 over (name, bytes) of every shard of `_pinned(dims)`, from the generator before
+# `--difficulty` existed: the easy demo (and every cache of it) must keep its bytes.
+EASY_DIGESTS = {
+    2: "0a2cb19ddb0711eb9d22af4641ae33cba5efd21d83a8c34d5efa054ecfd19ab7",
+    3: "c1f4622fbd50b67e62aef8673fa8164bb262b04b4bb3d587d5a07ef6867c94be",
+}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_easy_shards_keep_the_bytes_of_the_generator_before_difficulties(tmp_path, dims):
+    import hashlib
+
+    n = 96 if dims == 2 else 16
+    make_synthetic(tmp_path, dims=dims, n_train=n, n_val=n // 2, positive_fraction=0.25,
+                   seed=11, block_size=16, train_shards=2, val_shards=2, workers=1,
+                   progress=False, difficulty="easy")  # fmt: skip
+    digest = hashlib.sha256()
+    for path in sorted(tmp_path.glob("*.tar")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    assert digest.hexdigest() == EASY_DIGESTS[dims]
+
+
+def _offsets(out: Path, split: str, size: int) -> np.ndarray:
+    coords = np.array([c for _, b in read_blocks(out, split) for c in b.coords])
+    return np.linalg.norm(coords - (size - 1) / 2, axis=1)
+
+
+def test_hard_candidates_are_rare_and_sit_two_to_six_pixels_off_centre(tmp_path):
+    # The real CLI parser, with no --positive-fraction: hard means 1:100 by default.
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["make-synthetic", "--out", str(tmp_path / "hard"), "--train",
+                              "3000", "--val", "400", "--shards", "2", "--size", "64",
+                              "--difficulty", "hard", "--workers", "1", "--no-progress"])  # fmt: skip
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "hard" / MANIFEST_NAME).read_text())
+    assert manifest["splits"]["train"]["positives"] == 30  # 1:100
+    assert manifest["splits"]["val"]["positives"] == 4
+    assert manifest["splits"]["train"]["patch_shape"] == [1, 64, 64]
+    hard = _offsets(tmp_path / "hard", "train", 64)
+    assert hard.min() >= 2.0 - 0.01 and hard.max() <= 6.0 + 0.01  # coords are rounded
+    assert 3.8 < hard.mean() < 4.2  # U(2, 6)
+    small(tmp_path / "easy", n_train=3000, n_val=64, train_shards=2, size=64)
+    easy = _offsets(tmp_path / "easy", "train", 64)
+    assert easy.mean() < 2.2 and np.mean(easy < 2.0) > 0.5  # the demo: mostly within 2
+
+
+def test_hard_structures_are_drawn_where_their_centre_says(tmp_path):
+    # The offset is in the picture, not only in the meta: render small nodules with no
+    # texture and no noise; each centre is bright, the patch centre of a far one is not.
+    from pipeline.data.phantoms import render
+
+    n, size = 200, 48
+    kinds = np.array(["small_nodule"] * n, dtype=object)
+    flat = {"tissue": np.full(n, 200.0), "background": np.full(n, 20.0),
+            "texture": np.zeros(n), "noise": np.zeros(n)}  # fmt: skip
+    patches, centres = render(np.random.default_rng(3), kinds, 2, size, **flat, offset=(2.0, 6.0))
+    at = np.rint(centres).astype(int)
+    assert np.all(patches[np.arange(n), 0, at[:, 0], at[:, 1]] > 150)
+    offset = np.linalg.norm(centres - (size - 1) / 2, axis=1)
+    assert 3.8 < offset.mean() < 4.2
+    # A bright pixel-mass centroid off the patch centre by about the offset (clutter aside).
+    ys, xs = np.mgrid[:size, :size]
+    mass = (patches[:, 0] > 110) & (np.hypot(ys - 23.5, xs - 23.5) < 14)
+    cy = (mass * ys).sum((1, 2)) / mass.sum((1, 2))
+    cx = (mass * xs).sum((1, 2)) / mass.sum((1, 2))
+    seen = np.hypot(cy - 23.5, cx - 23.5)
+    assert np.median(seen) > 2.5, np.median(seen)
+
+
+def test_the_demo_config_generates_hard_data_at_the_stored_size(tmp_path):
+    from pipeline.config import load
+    from pipeline.data.sources import ensure_synthetic, synthetic_dir
+
+    easy = load(None, [])
+    assert synthetic_dir(easy.data).name == "synthetic-v2-2d-s0-n24576-4096-p0.25-k256-x8"
+    cfg = load(None, ["data.synthetic.difficulty=hard", "data.patch_size=64",
+                      "data.synthetic.train=800", "data.synthetic.val=200",
+                      "data.synthetic.block_size=64", "data.synthetic.shards=2"])  # fmt: skip
+    assert synthetic_dir(cfg.data).name.endswith("-p0.01-k64-x2-hard-S64")
+    cfg.data.synthetic.dir = str(tmp_path)
+    manifest = json.loads((ensure_synthetic(cfg.data, is_main=True) / MANIFEST_NAME).read_text())
+    assert manifest["splits"]["train"]["patch_shape"] == [1, 64, 64]
+    assert manifest["splits"]["train"]["positives"] == 8
+    assert np.abs(_offsets(tmp_path, "train", 64)).mean() > 3.5

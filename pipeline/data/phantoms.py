@@ -278,18 +278,25 @@ def render(
     background: np.ndarray,
     texture: np.ndarray,
     noise: np.ndarray,
+    offset: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches uint8 [n, 1, S...] and structure centres [n, dims] for the given kinds.
 
     `tissue`, `background`, `texture` and `noise` are per-sample intensities (callers repeat
-    one scan's values for all of its candidates).
+    one scan's values for all of its candidates). `offset` = (lo, hi): each structure sits
+    a distance U(lo, hi) from the patch centre in a random direction, as a detector's
+    candidate centres miss the finding; None = the small jitter of the easy demo
+    (N(0, 1.5) per axis, clipped to +-4).
     """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
     n = len(kinds)
     g = Grid(dims, size)
     patches = np.empty((n, 1) + (size,) * dims, np.uint8)
-    jitter = np.clip(rng.normal(0.0, 1.5, (n, dims)), -4.0, 4.0)
+    if offset is None:  # drawn exactly as before: the easy demo's bytes must not change
+        jitter = np.clip(rng.normal(0.0, 1.5, (n, dims)), -4.0, 4.0)
+    else:
+        jitter = _unit(rng, n, dims) * rng.uniform(offset[0], offset[1], n)[:, None]
     centres = ((size - 1) / 2 + jitter).astype(np.float32)
     coarse = max(2, size // _TEXTURE_STEP)
     chunk = max(1, _CHUNK_VOXELS // size**dims)

@@ -25,15 +25,23 @@ class Sources:
 
 
 def synthetic_dir(cfg: DataConfig) -> Path:
-    from pipeline.data.synthetic import GENERATOR_VERSION
+    from pipeline.data.synthetic import DIFFICULTIES, GENERATOR_VERSION
 
     syn = cfg.synthetic
     if syn.dir:
         return Path(syn.dir).expanduser()
+    fraction = syn.positive_fraction
+    if fraction is None:
+        fraction = DIFFICULTIES[syn.difficulty].positive_fraction
     name = (
         f"synthetic-v{GENERATOR_VERSION}-{cfg.dims}d-s{syn.seed}-n{syn.train}-{syn.val}"
-        f"-p{syn.positive_fraction:g}-k{syn.block_size}-x{syn.shards}"
+        f"-p{fraction:g}-k{syn.block_size}-x{syn.shards}"
     )
+    # Suffixes only off the defaults, so the easy demo's cache keeps its name.
+    if syn.difficulty != "easy":
+        name += f"-{syn.difficulty}"
+    if cfg.stored_size != 48:
+        name += f"-S{cfg.stored_size}"
     return default_cache_dir() / name
 
 
@@ -55,6 +63,8 @@ def ensure_synthetic(cfg: DataConfig, is_main: bool) -> Path:
             block_size=syn.block_size,
             train_shards=syn.shards,
             val_shards=max(2, syn.shards // 4),
+            size=cfg.stored_size,  # data.patch_size > largest scale: a translation margin
+            difficulty=syn.difficulty,
         )
     return out
 

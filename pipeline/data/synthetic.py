@@ -4,6 +4,16 @@ Each shard is rendered from its own RNG, `default_rng([seed, split_index, shard_
 by one worker that also writes it, so the bytes depend only on the seed and the shard,
 never on how many workers ran. The parent only gathers ShardInfo and writes the manifest.
 What the candidates look like, and why the task needs context, is in `phantoms.py`.
+
+Two difficulties (`--difficulty`, `data.synthetic.difficulty`):
+- `easy` (the demo): structures within a few pixels of the patch centre, 1 positive in 4.
+  Its bytes are those of GENERATOR_VERSION 2 before difficulties existed (a test pins them).
+- `hard`: what a detector hands over. Each structure sits 2-6 pixels/voxels from the patch
+  centre in a random direction (mean 4), and 1 candidate in 100 is positive. Orientation
+  is uniformly random in both (every structure's axis is a random unit vector, not a
+  multiple of 90 degrees). Suggested for a small training set as real studies have:
+  `--train 4096 --val 4096 --size 64` (about 40 positives to learn from; the 64-pixel
+  patch leaves a margin of 8 for `data.augment.translate`, train with `data.patch_size=64`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,20 @@ SPLITS = ("train", "val")
 SCAN_SIZE = 16  # candidates per synthetic scan, so per-scan metrics (CPM) have groups
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    positive_fraction: float
+    """Default share of positives (`--positive-fraction` overrides it)."""
+    offset: tuple[float, float] | None
+    """Distance range of each structure from the patch centre; None = the easy jitter."""
+
+
+DIFFICULTIES = {
+    "easy": Difficulty(positive_fraction=0.25, offset=None),
+    "hard": Difficulty(positive_fraction=0.01, offset=(2.0, 6.0)),
+}
+
+
 def _draw_kinds(rng: np.random.Generator, n: int, positives: int) -> tuple[np.ndarray, np.ndarray]:
     """Exactly `positives` ones in random order, and a kind per candidate from its class mix."""
     labels = rng.permutation(np.arange(n) < positives).astype(np.uint8)
@@ -52,12 +76,22 @@ def _scan_intensities(rng: np.random.Generator, scans: int) -> dict[str, np.ndar
 
 
 def render_candidates(
-    rng: np.random.Generator, n: int, dims: int, size: int = 48, positive_fraction: float = 0.25
+    rng: np.random.Generator,
+    n: int,
+    dims: int,
+    size: int = 48,
+    positive_fraction: float | None = None,
+    difficulty: str = "easy",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """n candidates, each its own scan: patches uint8 [n, 1, S, S(, S)], labels uint8 [n], kinds."""
-    labels, kinds = _draw_kinds(rng, n, int(round(n * positive_fraction)))
+    """n candidates, each its own scan: patches uint8 [n, 1, S, S(, S)], labels uint8 [n], kinds.
+
+    `positive_fraction` None = the difficulty's default (easy 0.25, hard 0.01).
+    """
+    level = DIFFICULTIES[difficulty]
+    fraction = level.positive_fraction if positive_fraction is None else positive_fraction
+    labels, kinds = _draw_kinds(rng, n, int(round(n * fraction)))
     scan = _scan_intensities(rng, n)
-    patches, _ = render(rng, kinds, dims, size, **scan)
+    patches, _ = render(rng, kinds, dims, size, **scan, offset=level.offset)
     return patches, labels, [str(k) for k in kinds]
 
 
@@ -73,6 +107,7 @@ class _ShardJob:
     size: int
     seed: int
     block_size: int
+    difficulty: str = "easy"
 
 
 def _write_one(job: _ShardJob) -> ShardInfo:
@@ -83,7 +118,8 @@ def _write_one(job: _ShardJob) -> ShardInfo:
     # Candidates of one scan are spread through the shard, so each block mixes scans.
     scan_of = rng.permutation(np.arange(job.samples) % scans)
     intensity = {k: v[scan_of] for k, v in _scan_intensities(rng, scans).items()}
-    patches, centres = render(rng, kinds, job.dims, job.size, **intensity)
+    offset = DIFFICULTIES[job.difficulty].offset
+    patches, centres = render(rng, kinds, job.dims, job.size, **intensity, offset=offset)
     prefix = f"{job.split}/{job.shard_index:06d}"
     return write_shard(
         job.path,
@@ -103,7 +139,7 @@ def _shard_jobs(
     n: int,
     shards: int,
     positive_fraction: float,
-    **common: int,
+    **common: int | str,
 ) -> list[_ShardJob]:
     sizes = [len(part) for part in np.array_split(np.arange(n), min(shards, n))]
     # At least one of each class when possible, so validation AUROC is defined.
@@ -132,7 +168,7 @@ def make_synthetic(
     dims: int,
     n_train: int,
     n_val: int,
-    positive_fraction: float,
+    positive_fraction: float | None,
     seed: int,
     block_size: int = 256,
     train_shards: int = 8,
@@ -140,11 +176,20 @@ def make_synthetic(
     workers: int | None = None,
     progress: bool = True,
     size: int = 48,
+    difficulty: str = "easy",
 ) -> Path:
     """Write `<out_dir>/{train,val}-NNNNNN.tar` and `manifest.json`; return the manifest path.
 
     Byte-identical for a seed whatever `workers` is (default: all cores).
+    `positive_fraction` None = the difficulty's default (easy 0.25, hard 0.01).
     """
+    _check(
+        "difficulty",
+        difficulty in DIFFICULTIES,
+        f"must be one of {'|'.join(DIFFICULTIES)}, got {difficulty!r}",
+    )
+    if positive_fraction is None:
+        positive_fraction = DIFFICULTIES[difficulty].positive_fraction
     _check("dims", dims in (2, 3), f"must be 2 or 3, got {dims}")
     _check("train", n_train > 0, f"must be > 0, got {n_train}")
     _check("val", n_val > 0, f"must be > 0, got {n_val}")
@@ -162,6 +207,7 @@ def make_synthetic(
     # No manifest until every shard is written: an interrupted run is seen as missing.
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
     common = {"dims": dims, "size": size, "seed": seed, "block_size": block_size}
+    common["difficulty"] = difficulty
     jobs = {
         split: _shard_jobs(out_dir, split, index, n, shards, positive_fraction, **common)
         for index, (split, n, shards) in enumerate(
@@ -236,6 +282,7 @@ def _run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             size=args.size,
+            difficulty=args.difficulty,
         )
         if out != Path(args.out):
             manifest = f"{args.out.rstrip('/')}/{MANIFEST_NAME}"
@@ -261,7 +308,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
     parser.add_argument("--train", type=int, default=defaults.train, help="training candidates")
     parser.add_argument("--val", type=int, default=defaults.val, help="validation candidates")
-    parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction)
+    parser.add_argument(
+        "--difficulty",
+        choices=tuple(DIFFICULTIES),
+        default=defaults.difficulty,
+        help="easy: the demo (centred, 1:3); hard: centres 2-6 px off, 1:100 (see the module doc"
+        " for suggested sizes: --train 4096 --val 4096 --size 64)",
+    )
+    parser.add_argument(
+        "--positive-fraction",
+        type=float,
+        default=None,
+        help="share of positives (default: easy 0.25, hard 0.01)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--block-size", type=int, default=defaults.block_size, help="samples per record"
