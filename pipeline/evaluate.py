@@ -139,6 +139,21 @@ def metrics_of(preds: Predictions, threshold: float = 0.5) -> dict[str, float]:
     return binary_metrics(preds.labels, preds.probs, threshold=threshold, scan_ids=scan_ids)
 
 
+def eval_spec(cfg: Any, shards: list[str], allow_unknown: bool = False) -> StreamSpec:
+    """This rank's share of `shards`, read once, in order: validation, evaluate and predict."""
+    env = distributed.env()
+    return StreamSpec(
+        shards,
+        cfg.train.batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        on_error=cfg.data.on_error,
+        sample_shape=cfg.data.sample_shape,
+        reader=cfg.data.reader,
+        allow_unknown=allow_unknown,
+    )
+
+
 def predict_shards(
     model: nn.Module,
     cfg: Any,
@@ -160,16 +175,7 @@ def predict_shards(
 
     cache.configure(cfg.data)  # remote shards: the cache and retry settings of this run
     env = distributed.env()
-    spec = StreamSpec(
-        shards,
-        cfg.train.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        on_error=cfg.data.on_error,
-        sample_shape=cfg.data.sample_shape,
-        reader=cfg.data.reader,
-        allow_unknown=allow_unknown,
-    )
+    spec = eval_spec(cfg, shards, allow_unknown)
     precision = resolve_precision(cfg.train.precision, device)
     with torch.no_grad():
         return predict_all(

@@ -20,9 +20,8 @@ from torch import nn
 
 from pipeline import distributed, guard
 from pipeline.config import Config, metric_mode
-from pipeline.data.loader import StreamSpec
 from pipeline.data.transforms import DeviceTransform
-from pipeline.evaluate import Predictions, metrics_of, predict_all, save_predictions
+from pipeline.evaluate import Predictions, eval_spec, metrics_of, predict_all, save_predictions
 from pipeline.metrics import operating_points, probability_histogram
 from pipeline.runtime import autocast
 from pipeline.tracking import Tracker
@@ -60,16 +59,7 @@ def validate(
     pos_weight: float,
 ) -> Validation | None:
     """Every validation sample once across ranks; rank 0 gets the result, others None."""
-    env = distributed.env()
-    spec = StreamSpec(
-        shards,
-        cfg.train.batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        on_error=cfg.data.on_error,
-        sample_shape=cfg.data.sample_shape,
-        reader=cfg.data.reader,
-    )
+    spec = eval_spec(cfg, shards)
     # Rank 0's BatchNorm statistics (the checkpointed ones) everywhere, so distributed
     # validation equals evaluating the saved checkpoint.
     distributed.broadcast_buffers(model)
