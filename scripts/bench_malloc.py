@@ -50,6 +50,7 @@ def run_once(name: str, data: Path, run_dir: Path, args: argparse.Namespace) -> 
         f"data.val={data}/val-*.tar",
         f"run.dir={run_dir}",
         f"train.max_steps={args.steps}",
+        f"optim.warmup_steps={min(30, args.steps // 2)}",  # must end within the run
         f"train.log_every={max(1, args.steps // 6)}",
         "train.eval_every=0",
         f"checkpoint.every_steps={args.steps}",  # no saves inside the timed window
