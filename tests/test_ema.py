@@ -17,6 +17,7 @@ from tests.faults import small_shards
 from tests.inproc import saved, tiny_config, train_tiny
 
 DECAY = 0.9
+FIRST = 0.1  # the decay of the first update: min(DECAY, (1 + 0) / (10 + 0)), the warm-up
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_ema_after_one_step_is_the_blend_of_init_and_trained_weights(one_step):
         if not w1.is_floating_point():  # num_batches_tracked: copied, not blended
             assert torch.equal(ema[key], w1), key
             continue
-        want = DECAY * initial[key] + (1 - DECAY) * w1
+        want = FIRST * initial[key] + (1 - FIRST) * w1
         assert torch.allclose(ema[key], want, rtol=0, atol=1e-6), key
         moved = max(moved, float((ema[key] - w1).abs().max()))
     assert moved > 1e-4, "EMA equals the raw weights: it did not average"
@@ -102,9 +103,11 @@ def test_a_skipped_step_leaves_the_average_alone_without_a_host_read():
         ema.update(model, torch.tensor(False))
     assert counter.count == 0
     assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+    decay = ema.current_decay()
+    assert decay == pytest.approx(2 / 11)  # the warm-up: min(DECAY, (1 + 1) / (10 + 1))
     ema.update(model, torch.tensor(True))
     now, current = ema.module.state_dict(), model.state_dict()
     for key, value in now.items():
         want = current[key] if not value.is_floating_point() else (
-            DECAY * before[key] + (1 - DECAY) * current[key])  # fmt: skip
+            decay * before[key] + (1 - decay) * current[key])  # fmt: skip
         assert torch.allclose(value, want, rtol=0, atol=1e-6), key
