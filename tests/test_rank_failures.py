@@ -130,3 +130,46 @@ def test_a_failure_on_one_rank_ends_every_rank_with_one_line_each(kind, launcher
     assert seconds is not None and seconds < BOUND_S, f"{seconds} s\n{log[-3000:]}"
     record(f"rank failure: {kind.replace('_', ' ')}", exit_code=code, seconds=seconds,
            lines=len(errors), checkpoint_ok=None, launcher=launcher)  # fmt: skip
+
+
+def _alive_with(marker: str) -> list[int]:
+    """Pids of processes whose command line names `marker` (ranks and their workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_text():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_torchrun_leaves_no_rank_behind(shards, tmp_path):
+    # SIGKILL to torchrun's agent (an OOM-killed launcher, a lost node) orphans the ranks,
+    # and its rendezvous store goes with it. Every rank, rank 0 too, must see that and end.
+    run = tmp_path / "run"
+    args = train_args(shards[0], run, "train.max_steps=100000", "train.eval_every=0",
+                      "train.log_every=1", "dist.timeout_s=120")  # fmt: skip
+    with open(tmp_path / "stderr.txt", "w") as err:
+        agent = subprocess.Popen([*_launcher("torchrun"), *args], env=cli_env(tmp_path),
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while '"train"' not in ((run / "metrics.jsonl").read_text()
+                                    if (run / "metrics.jsonl").exists() else ""):  # fmt: skip
+                assert time.monotonic() < deadline and agent.poll() is None, "never trained"
+                time.sleep(0.2)
+            agent.kill()
+            agent.wait()
+            killed = time.monotonic()
+            while _alive_with(str(run)) and time.monotonic() - killed < 90:
+                time.sleep(0.2)
+            seconds = time.monotonic() - killed
+            left = _alive_with(str(run))
+        finally:
+            for pid in _alive_with(str(run)):
+                os.kill(pid, 9)
+    lines = [line for line in (tmp_path / "stderr.txt").read_text().splitlines()
+             if "rendezvous store) is gone" in line]  # fmt: skip
+    assert not left and seconds < BOUND_S, (left, seconds)
+    assert {line.split("]")[0] for line in lines} == {"[rank 0", "[rank 1"}, lines

@@ -69,16 +69,16 @@ def start_failure_watch(command: str) -> None:
                 lost += 1
                 if lost < 4 or done.is_set():
                     continue
-                failed = {"rank": 0, "message": "the rendezvous store is gone", "exit_code": 1}
+                failed = _store_gone()
             if failed["rank"] == me or done.is_set():
                 continue
             # Ranks often raise the same error together (a config or data check they all
             # make): give this rank's own error a moment to arrive and speak for itself.
             if failing.wait(GRACE_S):
                 return
+            who = "" if failed["rank"] is None else f"rank {failed['rank']} failed: "
             print(
-                f"[rank {me}] pipeline {command}: error: stopping: rank {failed['rank']} "
-                f"failed: {failed['message']}",
+                f"[rank {me}] pipeline {command}: error: stopping: {who}{failed['message']}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -87,6 +87,16 @@ def start_failure_watch(command: str) -> None:
             os._exit(int(failed["exit_code"]))
 
     threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+
+
+def _store_gone() -> dict[str, Any]:
+    """What a lost store means. Under srun rank 0 hosts it: rank 0 is gone. Under torchrun
+    its agent does: the launcher died (killed, or its node lost), and every rank, rank 0
+    included, must end rather than wait in a collective for peers that are ending too."""
+    if distributed.env().launcher == "torchrun":
+        message = "torchrun's agent (the rendezvous store) is gone"
+        return {"rank": None, "message": message, "exit_code": 1}
+    return {"rank": 0, "message": "the rendezvous store is gone", "exit_code": 1}
 
 
 def stop_failure_watch() -> None:
