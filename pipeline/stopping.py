@@ -23,11 +23,25 @@ STOP_FILE = "STOP"
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path) -> None:
-        self.stop_file = run_dir / STOP_FILE
+    """Installed first thing in `train()`: a SIGTERM that arrives while the data, model and
+    loaders are still being set up (a preemption right after the job starts) is a stop
+    request too, obeyed at the first agreed step, not a death without a checkpoint."""
+
+    def __init__(self) -> None:
+        self.stop_file: Path | None = None  # known once run.dir is resolved
         self.signalled: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        self._previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
+
+    def close(self) -> None:
+        """The run is over: signals mean what they meant before (cv runs folds in turn)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def watch_file(self, run_dir: Path) -> None:
+        self.stop_file = run_dir / STOP_FILE
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         # Repeats are normal, not "die now": on a time limit or scancel SLURM signals every
@@ -44,16 +58,18 @@ class StopRequest:
 
     def local(self) -> bool:
         """This rank's view: a signal arrived, or (rank 0) the stop file exists."""
-        return self.signalled is not None or (distributed.is_main() and self.stop_file.exists())
+        if self.signalled is not None:
+            return True
+        return distributed.is_main() and self.stop_file is not None and self.stop_file.exists()
 
     def consume(self) -> None:
         """Forget the request once its checkpoint is safe, so a requeued run does not stop."""
-        if distributed.is_main():
+        if distributed.is_main() and self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)
         reason = self.signalled or f"stop file {self.stop_file}"
         log.info("stopped on request (%s); checkpoint saved, resume with the same run.dir", reason)
 
     def consume_stale(self) -> None:
         """The run finished anyway: a late stop file must not stop a future resume."""
-        if distributed.is_main():
+        if distributed.is_main() and self.stop_file is not None:
             self.stop_file.unlink(missing_ok=True)

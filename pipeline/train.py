@@ -46,6 +46,7 @@ class TrainingDiverged(PipelineError):
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) one training run; returns the final and best validation metrics."""
+    stop = StopRequest()  # before the slow set-up: an early SIGTERM is a stop request too
     env = distributed.detect_env()
     setup_logging(env.rank)
     device = distributed.select_device(cfg.train.device, env.local_rank)
@@ -63,6 +64,7 @@ def train(cfg: Config) -> dict[str, Any]:
         trainer = Trainer(cfg, device, precision, sources, pos_weight)
         run_lock.acquire(cfg.run)  # resolves run.dir; rank 0 holds its lock until the end
         run_dir = Path(cfg.run.dir)
+        stop.watch_file(run_dir)
         contract = resume.contract(cfg, env.world_size, sources.train, sources.val)
         checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
         resumed = resume.choose(checkpoints, cfg, contract)  # before any work
@@ -76,7 +78,7 @@ def train(cfg: Config) -> dict[str, Any]:
             contract["global_batch"],
             pos_weight,
         )
-        result = trainer.fit(tracker)
+        result = trainer.fit(tracker, stop)
         # Only on success (a failed rank must not wait here): no rank tears down its
         # connections while another still finishes its last collective.
         distributed.barrier()
@@ -87,6 +89,7 @@ def train(cfg: Config) -> dict[str, Any]:
     finally:
         run_lock.release()
         distributed.shutdown()
+        stop.close()
 
 
 class Trainer:
@@ -155,8 +158,8 @@ class Trainer:
         self.parts = step_parts(cfg, state, self.model, ddp, self.pos_weight, precision, device)
         self.transform = self.parts.transform
 
-    def fit(self, tracker: Tracker) -> dict[str, Any]:
-        """Train to `train.max_steps` (or a stop request); `tracker` records it all."""
+    def fit(self, tracker: Tracker, stop: StopRequest) -> dict[str, Any]:
+        """Train to `train.max_steps` (or `stop`); `tracker` records it all."""
         cfg, state, self.tracker = self.cfg, self.state, tracker
         self.logits = LogitCheck(cfg.guard.dynamic, tracker, state.range_warning, state.step)
         start, max_steps, every = state.step, cfg.train.max_steps, cfg.guard.check_every
@@ -166,7 +169,6 @@ class Trainer:
         batches = (
             train_batches(cfg, self.sources, state, self.device) if state.step < max_steps else None
         )
-        stop = StopRequest(self.run_dir)
         window, skips = Window(), NonFiniteSteps()
         self.model.train()
         while state.step < max_steps:

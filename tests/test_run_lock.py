@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run_lock
+from pipeline import checkpoint, run_lock
 from pipeline.run_lock import LOCK_NAME, RunDirInUse, RunLock
 from tests.conftest import ROOT, cli_env, run_cli, run_torchrun, train_args
 from tests.reliability import record
@@ -198,21 +198,26 @@ def test_lock_is_released_after_an_error_and_after_a_sigterm_stop(small_data, tm
     assert (tmp_path / "err").is_dir()  # created when the lock was taken
     assert not (tmp_path / "err" / LOCK_NAME).exists()
 
+    # SIGTERM as soon as the lock is taken, still in set-up (model, tracker, loaders): a
+    # preemption then is a stop request like any other, not a death (-15) without a
+    # checkpoint, and the lock is released.
     run = tmp_path / "term"
-    args = train_args(small_data, run, "train.max_steps=100000", "train.eval_every=0")
+    args = train_args(small_data, run, "train.max_steps=100000", "train.eval_every=0",
+                      "train.log_every=2")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").exists():
+        while not (run / LOCK_NAME).exists():
             assert proc.poll() is None and time.monotonic() < deadline, "never started"
-            time.sleep(0.2)
-        assert (run / LOCK_NAME).exists()
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, proc.stderr.read()[-3000:]
+        code, stderr = proc.wait(120), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert code == 0 and "stopped on request (SIGTERM)" in stderr, stderr[-3000:]
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 2  # the first agreed step
     assert not (run / LOCK_NAME).exists()
 
 

@@ -147,7 +147,7 @@ def test_second_ctrl_c_exits_at_once_without_a_checkpoint(shards, tmp_path):
     run_dir = tmp_path / "run"
     # Stop requests are agreed every log_every steps: 400 keeps the first Ctrl-C pending.
     job = _start_single(shards, run_dir, cli_env(tmp_path), "train.log_every=400", ready=_started)
-    time.sleep(5)  # into the loop, where the stop handlers are installed
+    time.sleep(5)  # well into set-up or the loop: our handlers are installed
     try:
         os.killpg(job.pid, signal.SIGINT)
         time.sleep(1.0)
