@@ -4,6 +4,8 @@ overwritten while a batch is alive, and nothing left in /dev/shm."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from pipeline.data import handover
 from pipeline.data.format import write_split
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+from tests.conftest import ROOT
 
 
 def shm_names() -> set[str]:
@@ -91,3 +94,26 @@ def test_a_forked_child_dropping_a_batch_does_not_free_its_slot(shards):
         next(batches)
     assert torch.equal(held["patch"], copy)
     del batches
+
+
+EXIT_WITH_A_LIVE_LOADER = """
+import sys, time
+from pipeline.data.loader import StreamSpec, TrainStream, build_loader
+spec = StreamSpec(sys.argv[1:], 64, seed=3, num_workers=1, shuffle_blocks=4, handover="shared")
+batches = iter(build_loader(TrainStream(spec), 1, pin_memory=False, prefetch=4))
+next(batches)
+time.sleep(1)  # the worker fills its prefetch slots, which the trainer never maps
+"""
+
+
+def test_a_trainer_exiting_with_its_loader_alive_leaves_no_names(shards):
+    # At exit multiprocessing terminates the worker (SIGTERM from the trainer), which
+    # leaves by os._exit: no finalizer runs, so the watcher itself removes the names.
+    before = shm_names()
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_A_LIVE_LOADER, *shards],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "leaked shared_memory" not in done.stderr, done.stderr[-2000:]
+    assert not shm_names() - before

@@ -34,6 +34,7 @@ import torch
 
 MAX_SLOTS = 32
 _PREFIX = "pipeline-batch"
+_RINGS: list[Ring] = []  # this worker's rings, for `remove_unmapped`
 
 
 def make_ring() -> Ring | None:
@@ -76,6 +77,7 @@ class Ring:
         # When the worker exits (the trainer reads no more), remove the names of slots the
         # trainer never mapped: batches still in flight at shutdown.
         util.Finalize(self, _unlink_all, (self.names,), exitpriority=10)
+        _RINGS.append(self)
 
     def arrays(
         self, shape: tuple[int, ...], dtype: np.dtype, size: int
@@ -103,6 +105,14 @@ class Ring:
         label = np.ndarray((size,), np.uint8, buffer=memory, offset=patch_bytes)
         ticket = (name, len(memory), f"{self.tag}-held", slot, shape, np.dtype(dtype).str, size)
         return ticket, patch, label
+
+
+def remove_unmapped() -> None:
+    """Worker side, before an `os._exit` (which runs no finalizer): remove the names of
+    slots the trainer never mapped. Else the resource tracker removes them only when the
+    trainer exits, warning about "leaked shared_memory objects"."""
+    for ring in _RINGS:
+        _unlink_all(list(ring.names))
 
 
 def _unlink_all(names: list[str]) -> None:

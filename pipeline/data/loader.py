@@ -51,7 +51,7 @@ from pipeline.data import cache
 from pipeline.data.arena import Arena
 from pipeline.data.balance import Balancer
 from pipeline.data.format import Block, decode_block
-from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer
+from pipeline.data.handover import InShared, Ring, make_ring, prepare_trainer, remove_unmapped
 from pipeline.data.position import Plan, epoch_units, start_epoch
 from pipeline.data.problems import ProblemLog
 from pipeline.data.remote import is_remote, scrub
@@ -484,6 +484,7 @@ def _exit_with_parent(worker_id: int) -> None:
         while True:
             sent = signal.sigtimedwait([signal.SIGTERM], 1.0)
             if os.getppid() != parent or (sent is not None and sent.si_pid == parent):
+                remove_unmapped()
                 os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
