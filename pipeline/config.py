@@ -720,9 +720,18 @@ def _check_cross_section(cfg: Config) -> None:
     )
 
 
+def to_saved(cfg: Config) -> dict[str, Any]:
+    """What a run writes down (config.yaml, checkpoints, W&B): the resolved config with
+    every URL's user:password@ and signed query values replaced by *** (`scrub`); a later
+    read of such a URL is refused with one line (`pipeline.data.urls`)."""
+    from pipeline.data.remote import scrub_tree
+
+    return scrub_tree(to_dict(cfg))
+
+
 def to_yaml(cfg: Config) -> str:
-    """The fully resolved config as YAML (what `config.yaml`, checkpoints and W&B get)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+    """`to_saved` as YAML: the run dir's `config.yaml`."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_saved(cfg)))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline import distributed, finetune, resume, run_lock
 from pipeline.checkpoint import CheckpointManager
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, to_saved
 from pipeline.data import balance
 from pipeline.early_stop import EarlyStop
 from pipeline.errors import PipelineError
@@ -277,7 +277,7 @@ class Trainer:
         if distributed.is_main():
             checkpoint = state.state_dict([rng for rng, _ in gathered])
             checkpoint.update(
-                config=to_dict(self.cfg),
+                config=to_saved(self.cfg),  # no URL credentials in a file W&B may get
                 contract=self.contract,
                 best=self.best.state_dict(),
                 thresholds=self.thresholds,

@@ -121,3 +121,21 @@ def test_bench_recipe_reports_every_row_and_fails_loudly_below_the_required_marg
     assert "stale table" not in table and table.endswith("<!-- recipes:end -->\ntail\n")
     assert "| defaults |" in table and "| augmentation |" in table
     assert "<!-- bench:recipes:begin -->" in md.read_text()
+
+
+@pytest.mark.slow
+def test_bench_tta_scores_one_checkpoint_three_ways_and_writes_its_table(tmp_path):
+    # One real run scored with predict.tta=none|flips|dihedral: if the setting did not
+    # reach `pipeline evaluate`, the three scorings would be the same.
+    md = tmp_path / "BENCHMARKS.md"
+    result = _last_json(_start("bench_tta.py", tmp_path, "--md", str(md)))
+    scored = result["results"]
+    for metric in ("auroc", "ap"):
+        assert list(scored[metric]) == ["none", "flips", "dihedral"]
+        assert all(0.0 <= value <= 1.0 for value in scored[metric].values())
+    pairs = {(scored["auroc"][n], scored["ap"][n]) for n in ("none", "flips", "dihedral")}
+    assert len(pairs) == 3, scored  # each view set changes the scores
+    assert scored["steps"] == 10 and all(s > 0 for s in scored["seconds"].values())
+    section = md.read_text().split("<!-- bench:tta:begin -->")[1].split("<!-- bench:tta:end -->")[0]
+    assert "Command: `python scripts/bench_tta.py --quick`" in section
+    assert "| dihedral |" in section

@@ -345,3 +345,38 @@ def test_bench_remote_prints_every_row_and_judges_the_planted_slow_case(tmp_path
         if "fraction_of_bandwidth" in row:
             assert row["goal_met"] == (row["fraction_of_bandwidth"] >= 0.8)
     assert "machine" in result and "planted_slow_detected" in result
+
+
+@pytest.mark.slow
+def test_url_credentials_reach_no_file_of_the_run_and_no_wandb_record(shards, tmp_path):
+    # Training from URLs with user:password@ and a signed query, W&B offline logging the
+    # checkpoints: neither secret may be in config.yaml, a checkpoint (an artifact W&B
+    # uploads), metrics.jsonl, the W&B run files or staging, or the output.
+    data = {"WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+            "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}  # fmt: skip
+    env = cli_env(tmp_path, **data)
+    run = tmp_path / "run"
+    with shard_server(shards) as server:
+        host = server.url.split("//")[1]
+        train = f"http://bob:hunter2@{host}/train-{{000000..000003}}.tar?X-Amz-Signature=abcd1234"
+        done = run_cli(
+            ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.train={train}",
+             f"data.val={shards}/val-*.tar", f"run.dir={run}", "train.max_steps=2",
+             "train.eval_every=2", "wandb.mode=offline", "wandb.log_checkpoints=all"],
+            env, timeout=240,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert server.shard_gets()  # the shards really came over HTTP, with the URL's query
+        # The run dir's config.yaml keeps the *** form: reading it back is one clear line.
+        again = run_cli(["train", "--config", str(run / "config.yaml"),
+                         f"run.dir={tmp_path / 'again'}"], env, timeout=120)  # fmt: skip
+    assert list(run.glob("wandb/offline-run-*")), "no W&B offline run"
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "cache" not in p.parts]
+    assert any(p.suffix == ".pt" for p in files) and (run / "config.yaml") in files
+    leaked = [p for p in files for secret in (b"hunter2", b"abcd1234") if secret in p.read_bytes()]
+    assert not leaked, leaked
+    assert "hunter2" not in done.stdout + done.stderr and "abcd1234" not in done.stderr
+    assert "***@" in (run / "config.yaml").read_text()
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, again.stderr[-2000:]
+    assert "data.train" in lines[0] and "credentials were removed" in lines[0], lines[0]

@@ -47,6 +47,12 @@ def scrub(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def was_scrubbed(url: str) -> bool:
+    """Whether `url` is the *** form `scrub` wrote down (config.yaml, a checkpoint's config):
+    its credentials are gone, and reading it would fail as an anonymous request."""
+    return "***" in url and scrub(url) == url
+
+
 @dataclass
 class RemoteSettings:
     """How remote shards are fetched and cached (filled from `data.*` by `configure`)."""
@@ -86,6 +92,14 @@ class Counters:
 COUNTERS = Counters()
 # A loader worker forked while a prefetch thread held the lock would wait on it forever.
 os.register_at_fork(after_in_child=lambda: setattr(COUNTERS, "lock", threading.Lock()))
+
+
+def scrub_arg(arg: str) -> str:
+    """One command-line word safe to record: a URL, or `key=URL` (an override), scrubbed."""
+    key, sep, value = arg.partition("=")
+    if sep and "://" in value and "://" not in key:
+        return f"{key}={scrub(value)}"
+    return scrub(arg)
 
 
 def scrub_tree(value):

@@ -13,14 +13,17 @@ import fnmatch
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from pipeline.data import cache
 from pipeline.data.remote import (
+    HTTP,
     OBJECT_STORES,
     PIPE,
     FetchError,
     is_remote,
     scrub,
+    was_scrubbed,
 )
 from pipeline.data.transfer import probe, read_small
 from pipeline.errors import DataError
@@ -34,6 +37,8 @@ KEY_SPLITS = {"data.train": "train", "data.val": "val"}
 
 
 def _parent(url: str) -> str:
+    if url.startswith(HTTP):
+        url = url.split("?", 1)[0]  # a signed query's values may hold slashes
     return url.rsplit("/", 1)[0] + "/"
 
 
@@ -63,6 +68,14 @@ def _check_bucket(url: str, key: str) -> None:
         raise DataError(f"{key}: {scrub(url)}: bucket {exc}") from None
 
 
+def _last_name(url: str) -> str:
+    """The file name a pattern's wildcards may be in: for http(s) without the query, whose
+    `?` starts a presigned URL's signature, not a wildcard."""
+    if url.startswith(HTTP):
+        url = urlsplit(url).path
+    return url.rsplit("/", 1)[-1]
+
+
 def _listed(manifest: dict) -> dict[str, list[str]]:
     return {
         split: [entry["name"] for entry in body.get("shards", [])]
@@ -74,6 +87,12 @@ def expand_remote(pattern: str, key: str) -> list[str]:
     """Shard URLs of a remote pattern, in order; DataError (one line) when any check fails."""
     from braceexpand import braceexpand
 
+    if was_scrubbed(pattern):
+        raise DataError(
+            f"{key}: {pattern}: its credentials were removed when a run wrote it down "
+            "(config.yaml, a checkpoint); give the URL again, or keep credentials in the "
+            "client's own files and variables (~/.netrc, AWS_*, ~/.aws)"
+        )
     if pattern.startswith(PIPE):
         # As webdataset does, braces expand in commands too. The first command runs now (its
         # output is cached for the reader), so a failing one stops the run at start-up.
@@ -85,7 +104,7 @@ def expand_remote(pattern: str, key: str) -> list[str]:
         return sorted(commands)
     urls: list[str] = []
     for expanded in braceexpand(pattern):
-        name = expanded.rsplit("/", 1)[-1]
+        name = _last_name(expanded)
         if name and not any(c in name for c in "*?["):
             urls.append(expanded)
             continue
@@ -145,7 +164,7 @@ def remote_manifest_counts(urls: Sequence[str]) -> dict[str, ShardInfo]:
                 raise DataError(
                     f"{scrub(directory + MANIFEST_NAME)}: malformed manifest ({exc})"
                 ) from None
-        info = by_dir[directory].get(url.rsplit("/", 1)[-1])
+        info = by_dir[directory].get(_last_name(url))
         if info is not None:
             found[url] = info
     return found

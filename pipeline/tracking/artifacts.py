@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.format import MANIFEST_NAME
+from pipeline.data.remote import scrub
 
 _REMOTE = ("s3://", "gs://", "http://", "https://")
 
@@ -34,9 +35,10 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 def reference_uri(shard: str) -> str:
-    """The URI W&B stores for a shard: URLs as they are, local paths as file:// URIs."""
+    """The URI W&B stores for a shard: URLs without their credentials (`scrub`), local
+    paths as file:// URIs."""
     if shard.startswith(_REMOTE):
-        return shard
+        return scrub(shard)
     return Path(shard).expanduser().resolve().as_uri()
 
 

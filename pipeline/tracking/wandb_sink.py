@@ -9,16 +9,19 @@ overrides, the id kept across resumes) is decided in `wandb_identity` before wan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import WandbConfig
-from pipeline.data.remote import scrub_tree
+from pipeline.data.remote import scrub_arg, scrub_tree
 from pipeline.errors import ConfigError
 from pipeline.tracking import artifacts, curves
 from pipeline.tracking.wandb_identity import (
@@ -91,20 +94,21 @@ class WandbSink:
             disable_git=True,  # the git commit is in config["system"] already
             x_save_requirements=False,
         )
-        self._run = wandb.init(
-            project=self.target.project,
-            entity=self.target.entity,
-            group=plan.group,
-            name=plan.name,
-            tags=self.target.tags or None,
-            notes=notes,
-            id=plan.id,
-            resume=plan.resume,
-            dir=str(self.target.dir),
-            mode=self.target.mode,
-            config=scrub_tree(run_config),  # no user:password@ or signed URLs in W&B
-            settings=settings,
-        )
+        with _argv_scrubbed():  # W&B records sys.argv, and overrides may hold credentials
+            self._run = wandb.init(
+                project=self.target.project,
+                entity=self.target.entity,
+                group=plan.group,
+                name=plan.name,
+                tags=self.target.tags or None,
+                notes=notes,
+                id=plan.id,
+                resume=plan.resume,
+                dir=str(self.target.dir),
+                mode=self.target.mode,
+                config=scrub_tree(run_config),  # no user:password@ or signed URLs in W&B
+                settings=settings,
+            )
         # A resumed online run already holds steps up to where the previous segment died;
         # wandb drops anything below its next step (warning on every call), so skip those
         # quietly: after a resume from an earlier checkpoint the W&B curve has a flat gap.
@@ -185,7 +189,8 @@ class WandbSink:
                 for shard in shards:
                     uri = artifacts.reference_uri(shard)
                     # checksum=False: W&B must neither read nor list the shards.
-                    art.add_reference(uri, name=uri.rsplit("/", 1)[-1], checksum=False)
+                    name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
+                    art.add_reference(uri, name=name, checksum=False)
                 if self.target.mode == "online":
                     self._run.use_artifact(art)
                 else:
@@ -254,6 +259,17 @@ class WandbSink:
             )
         elif errors:
             log.warning("wandb: finish failed (%s)", _one_line(errors[0]))
+
+
+@contextlib.contextmanager
+def _argv_scrubbed() -> Iterator[None]:
+    """`sys.argv` with every URL's credentials replaced by *** while W&B reads it."""
+    saved = sys.argv
+    sys.argv = [scrub_arg(arg) for arg in saved]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def wandb_sink_or_none(
