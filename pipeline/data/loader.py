@@ -56,6 +56,7 @@ from pipeline.data.position import Plan, epoch_units, start_epoch
 from pipeline.data.problems import ProblemLog
 from pipeline.data.remote import is_remote, scrub
 from pipeline.data.tar_records import Placer, tar_records, webdataset_records
+from pipeline.data.worker_start import StartedLoader
 from pipeline.errors import DataError
 
 
@@ -496,7 +497,7 @@ def build_loader(
     """A DataLoader over ready-made batches (batch_size=None: the stream already batches)."""
     if num_workers > 0:
         prepare_trainer()  # the shared-memory ring's cleanup, shared with the workers
-    return DataLoader(
+    return StartedLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
