@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.data import handover
-from pipeline.data.format import write_split
 from pipeline.data.loader import StreamSpec, TrainStream, build_loader
 from tests.conftest import ROOT
+from tests.faults import noise_shards
 
 
 def shm_names() -> set[str]:
@@ -24,15 +22,7 @@ def shm_names() -> set[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("handover")
-    rng = np.random.default_rng(0)
-    n = 2048
-    patch = rng.integers(0, 256, (n, 1, 48, 48), dtype=np.uint8)
-    label = (rng.random(n) < 0.3).astype(np.uint8)
-    write_split(
-        root, "train", patch, label, [f"s{i}" for i in range(n)], num_shards=2, block_size=64
-    )
-    return sorted(str(p) for p in Path(root).glob("train-*.tar"))
+    return noise_shards(tmp_path_factory.mktemp("handover"), 2048)
 
 
 def stream(shards: list[str], workers: int, handover: str = "shared"):

@@ -7,13 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pipeline.data.format import write_split
 from tests.conftest import ROOT
+from tests.faults import noise_shards
 
 # The child process: its first forked worker hangs where CPython's gh-112275 deadlock
 # strikes (after the fork, before any of the worker's own code); later forks are healthy.
@@ -46,15 +44,7 @@ print(json.dumps({"same": same}), flush=True)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("worker_start")
-    rng = np.random.default_rng(0)
-    n = 1024
-    patch = rng.integers(0, 256, (n, 1, 48, 48), dtype=np.uint8)
-    label = (rng.random(n) < 0.3).astype(np.uint8)
-    write_split(
-        root, "train", patch, label, [f"s{i}" for i in range(n)], num_shards=2, block_size=64
-    )
-    return sorted(str(p) for p in Path(root).glob("train-*.tar"))
+    return noise_shards(tmp_path_factory.mktemp("worker_start"), 1024)
 
 
 def test_a_worker_hung_in_its_fork_is_killed_and_started_again(shards, tmp_path):
