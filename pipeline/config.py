@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.data.remote import scrub_tree
 from pipeline.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -724,8 +725,6 @@ def to_saved(cfg: Config) -> dict[str, Any]:
     """What a run writes down (config.yaml, checkpoints, W&B): the resolved config with
     every URL's user:password@ and signed query values replaced by *** (`scrub`); a later
     read of such a URL is refused with one line (`pipeline.data.urls`)."""
-    from pipeline.data.remote import scrub_tree
-
     return scrub_tree(to_dict(cfg))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 log = logging.getLogger("pipeline")
 
@@ -37,11 +37,8 @@ class Ema:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.averaged = AveragedModel(
-            model,
-            multi_avg_fn=get_ema_multi_avg_fn(decay),
-            use_buffers=True,  # container
-        )
+        # Only the container (its deep copy of `model`): `update` does the blending.
+        self.averaged = AveragedModel(model, use_buffers=True)
         self.averaged.requires_grad_(False)  # never trained, only blended
         self._groups: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] | None = None
         self.reset(model)
@@ -71,7 +68,6 @@ class Ema:
         for ema, current in (floats, others):
             if ema:
                 torch._foreach_copy_(ema, current)
-        self.averaged.n_averaged.fill_(1)
         self.updates = 0
 
     @torch.no_grad()
@@ -99,8 +95,7 @@ class Ema:
                 torch._foreach_copy_(
                     others[0], [torch.where(applied, b, a) for a, b in zip(*others, strict=True)]
                 )
-        self.averaged.n_averaged += 1  # a CPU tensor: no device traffic (counts every step)
-        self.updates += 1
+        self.updates += 1  # a host int: counts every step, skipped ones too
 
     def current_decay(self) -> float:
         """The decay of the next update: `min(decay, (1 + t) / (10 + t))` after t updates.
@@ -108,13 +103,14 @@ class Ema:
         A warm-up, as timm's and TensorFlow's EMAs have: with a fixed 0.999 the average
         would still be 82 % random initialisation after 200 steps (0.999^200); with the
         warm-up the early average follows the weights and the full decay applies later.
-        `t` is a plain int (`n_averaged` minus the initial copy), never read from a tensor.
+        `t` is a plain int, never read from a tensor.
         """
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     def state_dict(self) -> dict[str, Any]:
         """`ema`: weights with the model's own keys (what inference loads); `ema_updates`."""
-        return {"ema": self.module.state_dict(), "ema_updates": int(self.averaged.n_averaged)}
+        # ema_updates counts the initial copy too (as AveragedModel's n_averaged would).
+        return {"ema": self.module.state_dict(), "ema_updates": self.updates + 1}
 
     def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
         """Restore the average; a checkpoint without one (EMA just turned on) starts it at
@@ -124,5 +120,4 @@ class Ema:
             self.reset(model)
             return
         self.module.load_state_dict(state["ema"])
-        self.averaged.n_averaged.fill_(int(state.get("ema_updates", 1)))
         self.updates = int(state.get("ema_updates", 1)) - 1

@@ -109,6 +109,20 @@ def small_shards(out: Path, n_train: int = 390, n_val: int = 64, shards: int = 4
     return out
 
 
+def noise_shards(root: Path, n: int) -> list[str]:
+    """Two train shards of `n` random 48x48 uint8 patches in blocks of 64 (seed 0)."""
+    import numpy as np
+
+    from pipeline.data.format import write_split
+
+    rng = np.random.default_rng(0)
+    patch = rng.integers(0, 256, (n, 1, 48, 48), dtype=np.uint8)
+    label = (rng.random(n) < 0.3).astype(np.uint8)
+    ids = [f"s{i}" for i in range(n)]
+    write_split(root, "train", patch, label, ids, num_shards=2, block_size=64)
+    return sorted(str(p) for p in Path(root).glob("train-*.tar"))
+
+
 class _SlowReplaceOs:
     """`os` for pipeline.checkpoint, whose replace() sleeps before overwriting last.pt."""
 
@@ -141,17 +155,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def noise_shards(root: Path, n: int) -> list[str]:
-    """Two train shards of `n` random 48x48 uint8 patches in blocks of 64 (seed 0)."""
-    import numpy as np
-
-    from pipeline.data.format import write_split
-
-    rng = np.random.default_rng(0)
-    patch = rng.integers(0, 256, (n, 1, 48, 48), dtype=np.uint8)
-    label = (rng.random(n) < 0.3).astype(np.uint8)
-    ids = [f"s{i}" for i in range(n)]
-    write_split(root, "train", patch, label, ids, num_shards=2, block_size=64)
-    return sorted(str(p) for p in Path(root).glob("train-*.tar"))

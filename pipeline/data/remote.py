@@ -47,6 +47,12 @@ def scrub(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def path_of(url: str) -> str:
+    """`url` without an http(s) query: a presigned URL's signature (whose `?` is no
+    wildcard, and whose values may hold slashes) is not part of the shard's path."""
+    return url.split("?", 1)[0] if url.startswith(HTTP) else url
+
+
 def was_scrubbed(url: str) -> bool:
     """Whether `url` is the *** form `scrub` wrote down (config.yaml, a checkpoint's config):
     its credentials are gone, and reading it would fail as an anonymous request."""

@@ -13,15 +13,14 @@ import fnmatch
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from pipeline.data import cache
 from pipeline.data.remote import (
-    HTTP,
     OBJECT_STORES,
     PIPE,
     FetchError,
     is_remote,
+    path_of,
     scrub,
     was_scrubbed,
 )
@@ -37,9 +36,7 @@ KEY_SPLITS = {"data.train": "train", "data.val": "val"}
 
 
 def _parent(url: str) -> str:
-    if url.startswith(HTTP):
-        url = url.split("?", 1)[0]  # a signed query's values may hold slashes
-    return url.rsplit("/", 1)[0] + "/"
+    return path_of(url).rsplit("/", 1)[0] + "/"
 
 
 def _manifest(directory: str, key: str) -> dict | None:
@@ -69,11 +66,8 @@ def _check_bucket(url: str, key: str) -> None:
 
 
 def _last_name(url: str) -> str:
-    """The file name a pattern's wildcards may be in: for http(s) without the query, whose
-    `?` starts a presigned URL's signature, not a wildcard."""
-    if url.startswith(HTTP):
-        url = urlsplit(url).path
-    return url.rsplit("/", 1)[-1]
+    """The file name a pattern's wildcards may be in (`path_of`: no http query)."""
+    return path_of(url).rsplit("/", 1)[-1]
 
 
 def _listed(manifest: dict) -> dict[str, list[str]]:

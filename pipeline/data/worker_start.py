@@ -4,9 +4,8 @@ Forking a process that has other threads can leave the child stuck before it run
 of Python: CPython before 3.11.8 / 3.12.1 (gh-112275) deadlocks in `PyOS_AfterFork_Child`
 when another thread held the interpreter's HEAD_LOCK at the fork. Here that other thread
 is gloo's work thread, which creates and deletes a Python thread state when it drops the
-last reference to a tensor; one validation in about 15 two-rank test runs hung there
-under load on Python 3.11.7, with rank 0 waiting forever for its first validation batch
-and rank 1 in the next collective.
+last reference to a tensor. Seen on Python 3.11.7 in a two-rank test under load: rank 0
+waited forever for its first validation batch, and rank 1 in the next collective.
 A stuck worker looks alive to DataLoader, so the trainer would wait forever. Here each
 worker raises its flag in shared memory as its first act. A worker that has not raised it
 within `start_s` is killed with SIGKILL (SIGTERM would only set a flag that its stuck

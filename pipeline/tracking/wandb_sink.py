@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import WandbConfig
-from pipeline.data.remote import scrub_arg, scrub_tree
+from pipeline.data.remote import path_of, scrub_arg, scrub_tree
 from pipeline.errors import ConfigError
 from pipeline.tracking import artifacts, curves
 from pipeline.tracking.wandb_identity import (
@@ -189,7 +189,7 @@ class WandbSink:
                 for shard in shards:
                     uri = artifacts.reference_uri(shard)
                     # checksum=False: W&B must neither read nor list the shards.
-                    name = uri.split("?", 1)[0].rsplit("/", 1)[-1]
+                    name = path_of(uri).rsplit("/", 1)[-1]
                     art.add_reference(uri, name=name, checksum=False)
                 if self.target.mode == "online":
                     self._run.use_artifact(art)
